@@ -1,0 +1,266 @@
+"""Clients of the wire protocol.
+
+``Connection``: one pipelined connection to one node. Any number of tasks
+may call ``request`` at once; requests are written in the order called and
+replies, which may come back in any order, are matched by ``id``.
+
+``Client``: the cluster client behind the ``qkv`` command and the tests. It
+tries the nodes in turn until one completes the request. A set or delete
+gets a random request id (``rid``) once, and every retry of it carries the
+same rid, so a retry returns the first attempt's result instead of writing
+twice whenever the first attempt reached a majority.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import attrs
+import trio
+
+from net.address import Address
+from net.codec import MalformedMessage, decode_reply, encode_request, reply_id
+from net.errors import PeerUnavailable, ShuttingDown, Unavailable, error_for_code
+from net.framing import FrameError, encode_frame
+from net.messages import (
+    Delete,
+    ErrorReply,
+    Get,
+    GetReply,
+    Ping,
+    PingReply,
+    Request,
+    Set,
+    WriteReply,
+)
+from net.stream import FramedReader
+from register.model import Key, Tag
+
+__all__ = ["Client", "Connection", "GetResult", "open_client", "open_connection"]
+
+T = TypeVar("T")
+
+DEFAULT_MAX_FRAME = 2 * 1024 * 1024
+CONNECT_TIMEOUT = 2.0
+
+
+class Connection:
+    def __init__(self, stream: trio.SocketStream, address: Address, max_frame: int) -> None:
+        self.address = address
+        self._stream = stream
+        self._reader = FramedReader(stream, max_frame)
+        self._send_lock = trio.StrictFIFOLock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[bytes]]] = {}
+        self._broken: BaseException | None = None
+
+    async def request(self, request: Request, expected: type[T]) -> T:
+        """Send ``request`` and wait for its reply; raise the ``QkvError``
+        of an error reply, ``PeerUnavailable`` if the connection fails."""
+        if self._broken is not None:
+            raise PeerUnavailable(f"{self.address}: connection broken: {self._broken}")
+        request = attrs.evolve(request, id=next(self._ids))
+        arrived = trio.Event()
+        slot: list[bytes] = []
+        self._waiting[request.id] = (arrived, slot)
+        try:
+            async with self._send_lock:
+                try:
+                    await self._stream.send_all(encode_frame(encode_request(request)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._fail(exc)
+            await arrived.wait()
+        finally:
+            self._waiting.pop(request.id, None)
+        if not slot:
+            raise PeerUnavailable(f"{self.address}: connection broken: {self._broken}")
+        try:
+            reply = decode_reply(slot[0], expected)
+        except MalformedMessage as exc:
+            raise PeerUnavailable(f"{self.address}: {exc}") from None
+        if isinstance(reply, ErrorReply):
+            raise error_for_code(reply.error, reply.message, reply.id)
+        return reply
+
+    @property
+    def usable(self) -> bool:
+        return self._broken is None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._broken is None:
+            self._broken = exc
+        for arrived, _ in self._waiting.values():
+            arrived.set()
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                bodies = await self._reader.receive()
+                if not bodies:
+                    raise trio.BrokenResourceError("the node closed the connection")
+                for body in bodies:
+                    rid = reply_id(body)
+                    waiting = self._waiting.get(rid) if rid is not None else None
+                    if waiting is None:
+                        if rid is None:
+                            # A connection-level error (id nil): it is about
+                            # to close; every request on it is answered by it.
+                            raise _ConnectionError(body)
+                        continue
+                    waiting[1].append(body)
+                    waiting[0].set()
+        except _ConnectionError as exc:
+            for arrived, slot in self._waiting.values():
+                slot.append(exc.body)
+                arrived.set()
+            self._fail(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, FrameError,
+                MalformedMessage) as exc:
+            self._fail(exc)
+        finally:
+            self._fail(trio.ClosedResourceError("connection closed"))
+
+
+class _ConnectionError(Exception):
+    def __init__(self, body: bytes) -> None:
+        super().__init__("connection-level error from the node")
+        self.body = body
+
+
+@asynccontextmanager
+async def open_connection(
+    address: Address, *, max_frame: int = DEFAULT_MAX_FRAME, connect_timeout: float = CONNECT_TIMEOUT
+) -> AsyncIterator[Connection]:
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise PeerUnavailable(f"{address}: cannot connect: {exc or 'timed out'}") from None
+    async with stream, trio.open_nursery() as nursery:
+        connection = Connection(stream, address, max_frame)
+        nursery.start_soon(connection._read_replies)
+        try:
+            yield connection
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class GetResult:
+    found: bool
+    value: bytes | None
+    tag: Tag | None
+
+
+class Client:
+    """Fail-over client over a list of nodes (use ``open_client``)."""
+
+    def __init__(self, nodes: Sequence[Address], nursery: trio.Nursery, *, timeout: float) -> None:
+        if not nodes:
+            raise ValueError("a client needs at least one node address")
+        self.nodes = list(nodes)
+        self.timeout = timeout
+        self._nursery = nursery
+        self._connections: dict[Address, Connection] = {}
+        self._closers: dict[Address, trio.CancelScope] = {}
+        self._locks: dict[Address, trio.Lock] = {}
+        self._preferred = 0
+
+    async def ping(self, address: Address) -> PingReply:
+        connection = await self._connect(address)
+        with trio.fail_after(self.timeout):
+            return await connection.request(Ping(id=0), PingReply)
+
+    async def get(self, key: bytes) -> GetResult:
+        reply = await self._call(Get(id=0, key=Key(key)), GetReply)
+        return GetResult(reply.found, reply.value, reply.tag)
+
+    async def set(self, key: bytes, value: bytes, *, rid: bytes | None = None) -> Tag:
+        rid = rid or secrets.token_bytes(16)
+        return (await self._call(Set(id=0, key=Key(key), value=value, rid=rid), WriteReply)).tag
+
+    async def delete(self, key: bytes, *, rid: bytes | None = None) -> Tag:
+        rid = rid or secrets.token_bytes(16)
+        return (await self._call(Delete(id=0, key=Key(key), rid=rid), WriteReply)).tag
+
+    async def _call(self, request: Request, expected: type[T]) -> T:
+        """Try each node once, starting with the one that last answered."""
+        errors: list[str] = []
+        for i in range(len(self.nodes)):
+            index = (self._preferred + i) % len(self.nodes)
+            address = self.nodes[index]
+            try:
+                connection = await self._connect(address)
+                # The node answers unavailable within its own deadline; the
+                # margin only covers a node that stopped answering at all.
+                with trio.fail_after(self.timeout):
+                    reply = await connection.request(request, expected)
+            except (Unavailable, ShuttingDown) as exc:
+                errors.append(f"{address}: {exc.code}: {exc.message}")
+                continue
+            except (PeerUnavailable, trio.TooSlowError) as exc:
+                errors.append(f"{address}: {exc or 'no answer in time'}")
+                self._disconnect(address)
+                continue
+            self._preferred = index
+            return reply
+        raise Unavailable("no node could complete the request (" + "; ".join(errors) + ")")
+
+    async def _connect(self, address: Address) -> Connection:
+        async with self._locks.setdefault(address, trio.Lock()):
+            connection = self._connections.get(address)
+            if connection is not None and connection.usable:
+                return connection
+            self._disconnect(address)
+            return await self._dial(address)
+
+    async def _dial(self, address: Address) -> Connection:
+        ready: trio.Event = trio.Event()
+        outcome: list[Connection | BaseException] = []
+
+        async def hold() -> None:
+            with trio.CancelScope() as scope:
+                self._closers[address] = scope
+                try:
+                    timeout = min(CONNECT_TIMEOUT, self.timeout)
+                    async with open_connection(address, connect_timeout=timeout) as c:
+                        outcome.append(c)
+                        ready.set()
+                        await trio.sleep_forever()
+                except PeerUnavailable as exc:
+                    outcome.append(exc)
+                    ready.set()
+
+        self._nursery.start_soon(hold)
+        try:
+            await ready.wait()
+        except BaseException:
+            self._disconnect(address)
+            raise
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        self._connections[address] = result
+        return result
+
+    def _disconnect(self, address: Address) -> None:
+        self._connections.pop(address, None)
+        closer = self._closers.pop(address, None)
+        if closer is not None:
+            closer.cancel()
+
+
+@asynccontextmanager
+async def open_client(nodes: Sequence[Address], *, timeout: float = 5.0) -> AsyncIterator[Client]:
+    """A fail-over client; ``timeout`` bounds each attempt on one node."""
+    async with trio.open_nursery() as nursery:
+        client = Client(nodes, nursery, timeout=timeout)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()
+

@@ -1,0 +1,277 @@
+"""The one converter: message classes to MessagePack bodies and back.
+
+No other module touches msgpack. Every decoding failure becomes one
+exception type per direction:
+
+- client requests (untrusted): ``BadRequest`` / ``UnknownOp`` carrying the
+  request id when it could be read; ``fatal`` errors (no usable id) close the
+  connection, as the wire protocol demands;
+- peer frames and client replies: ``MalformedMessage``.
+
+Client requests are validated field by field by hand rather than through
+cattrs, because the protocol is strict about types in ways Python is not
+(``bool`` is an ``int``, ``str`` is not ``bin``) and each rejection should
+say exactly what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import attrs
+import cattrs
+import msgpack
+from cattrs.preconf.msgpack import make_converter
+from cattrs.strategies import configure_tagged_union
+
+from net.errors import BadRequest, UnknownOp
+from net.messages import (
+    PROTOCOL_VERSION,
+    Delete,
+    ErrorReply,
+    Get,
+    GetReply,
+    PeerHello,
+    PeerMessage,
+    Ping,
+    PingReply,
+    Query,
+    QueryReply,
+    Refused,
+    Reply,
+    Request,
+    Set,
+    Store,
+    StoreAck,
+    SyncChunk,
+    SyncPage,
+    WriteReply,
+)
+from register.model import Key, NodeId, Tag
+
+__all__ = [
+    "Limits",
+    "MalformedMessage",
+    "decode_peer_frame",
+    "decode_reply",
+    "decode_request",
+    "encode_peer",
+    "encode_reply",
+    "encode_request",
+    "peer_frame_body",
+    "peer_frame_overhead",
+]
+
+MAX_ID: Final = 2**64 - 1
+MIN_RID, MAX_RID = 8, 64
+MAX_KEY: Final = 1024
+
+T = TypeVar("T")
+
+
+class MalformedMessage(Exception):
+    """A peer frame or a reply that does not decode to a known message."""
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Size limits that requests are validated against."""
+
+    max_value: int = 1024 * 1024
+
+
+# --- the converter ---------------------------------------------------------
+
+
+def _structure_tag(raw: Any, _: type) -> Tag:
+    if (
+        isinstance(raw, list | tuple)
+        and len(raw) == 2
+        and type(raw[0]) is int
+        and raw[0] >= 0
+        and type(raw[1]) is str
+    ):
+        return Tag(raw[0], NodeId(raw[1]))
+    raise ValueError(f"a tag is [counter, writer], not {raw!r}")
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = make_converter(forbid_extra_keys=False)
+    conv.register_unstructure_hook(Tag, lambda t: [t.counter, t.writer])
+    conv.register_structure_hook(Tag, _structure_tag)
+    configure_tagged_union(
+        PeerMessage,
+        conv,
+        tag_generator=lambda cls: _PEER_TAGS[cls],
+        tag_name="t",
+    )
+    return conv
+
+
+_PEER_TAGS: Final[dict[type, str]] = {
+    Query: "q",
+    QueryReply: "qr",
+    Store: "s",
+    StoreAck: "sa",
+    Refused: "no",
+    SyncPage: "sp",
+    SyncChunk: "sc",
+}
+_REPLY_OPS: Final[dict[type, str]] = {PingReply: "ping", GetReply: "get", WriteReply: "write"}
+
+_converter: Final = _make_converter()
+_packb: Final = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def _unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+
+
+# --- client requests ---------------------------------------------------------
+
+
+def _field(
+    body: dict[str, Any], name: str, check: Callable[[Any], bool], what: str, rid: int, optional: bool = False
+) -> Any:
+    if name not in body or (optional and body[name] is None):
+        if optional:
+            return None
+        raise BadRequest(f"missing field {name!r}", request_id=rid)
+    value = body[name]
+    if not check(value):
+        raise BadRequest(f"field {name!r} must be {what}", request_id=rid)
+    return value
+
+
+def _is_key(v: Any) -> bool:
+    return type(v) is bytes and 1 <= len(v) <= MAX_KEY
+
+
+def _is_rid(v: Any) -> bool:
+    return type(v) is bytes and MIN_RID <= len(v) <= MAX_RID
+
+
+class FatalRequest(BadRequest):
+    """A body so broken that it has no usable id: answer and close."""
+
+
+def decode_request(body: bytes, limits: Limits) -> Request:
+    """Decode and validate one client request body."""
+    try:
+        raw = _unpack(body)
+    except Exception as exc:  # msgpack raises many unrelated types
+        raise FatalRequest(f"body is not MessagePack: {exc}") from None
+    if not isinstance(raw, dict):
+        raise FatalRequest(f"body must be a map, not {type(raw).__name__}")
+    rid = raw.get("id")
+    if type(rid) is not int or not 0 <= rid <= MAX_ID:
+        raise FatalRequest("field 'id' must be an unsigned integer")
+    op = raw.get("op")
+    if type(op) is not str:
+        raise BadRequest("field 'op' must be a string", request_id=rid)
+    match op:
+        case "get":
+            return Get(id=rid, key=Key(_field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)))
+        case "set":
+            key = _field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)
+            value = _field(
+                raw,
+                "value",
+                lambda v: type(v) is bytes and len(v) <= limits.max_value,
+                f"bin of at most {limits.max_value} bytes",
+                rid,
+            )
+            rid_ = _field(raw, "rid", _is_rid, "bin of 8 to 64 bytes", rid, optional=True)
+            return Set(id=rid, key=Key(key), value=value, rid=rid_)
+        case "delete":
+            key = _field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)
+            rid_ = _field(raw, "rid", _is_rid, "bin of 8 to 64 bytes", rid, optional=True)
+            return Delete(id=rid, key=Key(key), rid=rid_)
+        case "ping":
+            return Ping(id=rid)
+        case "peer_hello":
+            node = _field(raw, "node", lambda v: type(v) is str and v != "", "a node id", rid)
+            return PeerHello(id=rid, node=NodeId(node))
+        case _:
+            raise UnknownOp(f"unknown op {op!r}", request_id=rid)
+
+
+_REQUEST_OPS: Final[dict[type, str]] = {
+    Ping: "ping",
+    Get: "get",
+    Set: "set",
+    Delete: "delete",
+    PeerHello: "peer_hello",
+}
+
+
+def encode_request(request: Request) -> bytes:
+    raw: dict[str, Any] = _converter.unstructure(request)
+    raw["op"] = _REQUEST_OPS[type(request)]
+    if raw.get("rid", 0) is None:
+        del raw["rid"]
+    return _packb(raw)
+
+
+# --- client replies --------------------------------------------------------
+
+
+def encode_reply(reply: Reply) -> bytes:
+    raw: dict[str, Any] = _converter.unstructure(reply)
+    raw["ok"] = not isinstance(reply, ErrorReply)
+    if isinstance(reply, PingReply):
+        raw["protocol"] = PROTOCOL_VERSION
+    return _packb(raw)
+
+
+def decode_reply(body: bytes, expected: type[T]) -> T | ErrorReply:
+    """Decode a reply to a request whose reply type is ``expected``."""
+    try:
+        raw = _unpack(body)
+        if not isinstance(raw, dict) or type(raw.get("ok")) is not bool:
+            raise ValueError("reply is not a map with 'ok'")
+        if not raw["ok"]:
+            return _converter.structure(raw, ErrorReply)
+        return _converter.structure(raw, expected)
+    except Exception as exc:
+        raise MalformedMessage(f"malformed reply: {exc}") from None
+
+
+def reply_id(body: bytes) -> int | None:
+    """The ``id`` of a reply body, to route it before full decoding."""
+    try:
+        raw = _unpack(body)
+    except Exception as exc:
+        raise MalformedMessage(f"malformed reply: {exc}") from None
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return rid if type(rid) is int else None
+
+
+# --- node to node ----------------------------------------------------------
+
+
+def encode_peer(message: PeerMessage) -> bytes:
+    """One peer message, packed on its own so that a batch can be assembled
+    from already-encoded messages without re-encoding them."""
+    return _packb(_converter.unstructure(message, PeerMessage))
+
+
+def peer_frame_overhead(count: int) -> int:
+    """Bytes added by ``peer_frame_body`` around ``count`` messages."""
+    return len(msgpack.Packer().pack_array_header(count))
+
+
+def peer_frame_body(encoded: Sequence[bytes]) -> bytes:
+    """A peer frame body: a MessagePack array of already-packed messages."""
+    return msgpack.Packer().pack_array_header(len(encoded)) + b"".join(encoded)
+
+
+def decode_peer_frame(body: bytes) -> list[PeerMessage]:
+    try:
+        raw = _unpack(body)
+        if not isinstance(raw, list):
+            raise ValueError("a peer frame is an array of messages")
+        return [_converter.structure(m, PeerMessage) for m in raw]  # type: ignore[arg-type]
+    except Exception as exc:
+        raise MalformedMessage(f"malformed peer frame: {exc}") from None

@@ -1,0 +1,174 @@
+"""Message classes: the client protocol v1 and the node-to-node protocol.
+
+These are plain frozen values; how they look on the wire is the business of
+``net.codec`` alone.
+
+Client requests carry the client's ``id``; every reply echoes it. Peer
+messages carry ``req``, chosen by the sending node to match replies to
+requests on one peer link.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import attrs
+
+from register.model import Key, NodeId, Tag
+
+PROTOCOL_VERSION = 1
+
+# --- client requests -------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    id: int
+
+
+@attrs.frozen(kw_only=True)
+class Get:
+    id: int
+    key: Key
+
+
+@attrs.frozen(kw_only=True)
+class Set:
+    id: int
+    key: Key
+    value: bytes
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Delete:
+    id: int
+    key: Key
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PeerHello:
+    """First frame of a node-to-node connection (op ``peer_hello``): the
+    connection then carries peer frames (see docs/protocol.md)."""
+
+    id: int
+    node: NodeId
+    protocol: int = PROTOCOL_VERSION
+
+
+Request: TypeAlias = Ping | Get | Set | Delete | PeerHello
+WriteRequest: TypeAlias = Set | Delete
+
+# --- client replies --------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class PingReply:
+    id: int
+    node: NodeId
+    protocol: int = PROTOCOL_VERSION
+    #: ``serving`` or ``recovering`` (an extra key; clients may ignore it)
+    state: str = "serving"
+
+
+@attrs.frozen(kw_only=True)
+class GetReply:
+    id: int
+    found: bool
+    value: bytes | None
+    tag: Tag | None
+
+
+@attrs.frozen(kw_only=True)
+class WriteReply:
+    id: int
+    tag: Tag
+
+
+@attrs.frozen(kw_only=True)
+class ErrorReply:
+    id: int | None
+    error: str
+    message: str
+
+
+Reply: TypeAlias = PingReply | GetReply | WriteReply | ErrorReply
+
+# --- node to node ----------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Query:
+    """Phase 1 of a read or write: what do you hold for ``key``? ``rid``,
+    for a write, also asks whether that request id was already stored."""
+
+    req: int
+    key: Key
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class QueryReply:
+    req: int
+    tag: Tag | None
+    value: bytes | None
+    rid_tag: Tag | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Store:
+    """Phase 2 of a write, or a read's write-back: adopt this version if it
+    is newer than yours, durably, then acknowledge."""
+
+    req: int
+    key: Key
+    tag: Tag
+    value: bytes | None
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StoreAck:
+    req: int
+
+
+@attrs.frozen(kw_only=True)
+class Refused:
+    """The peer cannot serve this message: recovering, storage failed, or
+    stopping. Counts as a failure of that node for the phase."""
+
+    req: int
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class SyncPage:
+    """State transfer to a recovering node: the next page of entries with
+    keys above ``after`` (``None``: from the start) of snapshot ``session``."""
+
+    req: int
+    session: int
+    after: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SyncEntry:
+    key: Key
+    tag: Tag
+    value: bytes | None
+
+
+@attrs.frozen(kw_only=True)
+class SyncChunk:
+    req: int
+    entries: list[SyncEntry]
+    #: key to ask after for the next page; ``None`` when this was the last
+    next_after: bytes | None
+    #: the sender has never served and holds nothing (a brand-new node)
+    fresh: bool = False
+
+
+PeerMessage: TypeAlias = Query | QueryReply | Store | StoreAck | Refused | SyncPage | SyncChunk
+PeerRequest: TypeAlias = Query | Store | SyncPage
+PeerResponse: TypeAlias = QueryReply | StoreAck | Refused | SyncChunk

@@ -1,0 +1,206 @@
+"""The TCP server: accepts connections and speaks the client protocol.
+
+One nursery per connection holds a reader (this task), one handler task per
+request in flight, and one writer (the ``Outbox``). Limits, all of them
+back-pressure rather than buffering:
+
+- at most ``max_connections`` connections; one more is told ``unavailable``
+  and closed;
+- at most ``max_inflight`` requests per connection: past that the reader
+  stops reading, so a client pipelining without bound only fills its own
+  socket buffers;
+- replies not yet written are bounded by the outbox's high-water mark, and
+  a client that reads nothing for ``write_timeout`` seconds is disconnected.
+
+Errors on one connection end that connection, never the server. A
+connection whose first frame is ``peer_hello`` is handed to the node's peer
+session (node-to-node traffic shares the listening port).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from net.codec import FatalRequest, Limits, MalformedMessage, decode_request, encode_reply
+from net.errors import QkvError, TooLarge, Unavailable
+from net.framing import FrameError, FrameTooLarge
+from net.messages import ErrorReply, PeerHello, Reply, Request
+from net.stream import FramedReader, Outbox
+
+__all__ = ["Handler", "ServerLimits", "serve"]
+
+log = logging.getLogger("qkv.server")
+
+
+@attrs.frozen(kw_only=True)
+class ServerLimits:
+    max_frame: int = 2 * 1024 * 1024
+    max_value: int = 1024 * 1024
+    max_connections: int = 1024
+    max_inflight: int = 256
+    write_timeout: float = 30.0
+
+
+class Handler(Protocol):
+    """What the node provides to the server."""
+
+    async def handle(self, request: Request) -> Reply:
+        """Answer one client request (never raises ``QkvError``: it is
+        turned into an ``ErrorReply`` by the handler itself)."""
+
+    async def serve_peer(self, hello: PeerHello, reader: FramedReader, outbox: Outbox) -> None:
+        """Run a node-to-node session on this connection until it ends."""
+
+
+def error_reply(exc: QkvError) -> ErrorReply:
+    return ErrorReply(id=exc.request_id, error=exc.code, message=exc.message)
+
+
+async def serve(
+    listeners: Sequence[trio.SocketListener],
+    handler: Handler,
+    limits: ServerLimits,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``listeners`` until cancelled."""
+    slots = trio.Semaphore(limits.max_connections)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, limits, slots, nursery)
+        task_status.started()
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler: Handler,
+    limits: ServerLimits,
+    slots: trio.Semaphore,
+    nursery: trio.Nursery,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning.
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(_connection, stream, handler, limits, slots)
+
+
+async def _connection(
+    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, slots: trio.Semaphore
+) -> None:
+    async with stream:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            refusal = Unavailable("too many connections")
+            await _send_final(stream, limits, error_reply(refusal))
+            return
+        try:
+            await _session(stream, handler, limits)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            pass  # the client went away or stopped reading; nothing to answer
+        except* MalformedMessage as group:
+            log.warning("closing a peer connection: %s", group.exceptions[0])
+        finally:
+            slots.release()
+
+
+async def _send_final(stream: trio.abc.SendStream, limits: ServerLimits, reply: ErrorReply) -> None:
+    outbox = Outbox(stream, max_frame=limits.max_frame, batch=False, send_timeout=limits.write_timeout)
+    outbox.put(encode_reply(reply))
+    outbox.close_after_flush()
+    await outbox.run()
+
+
+async def _session(stream: trio.SocketStream, handler: Handler, limits: ServerLimits) -> None:
+    reader = FramedReader(stream, limits.max_frame)
+    request_limits = Limits(max_value=limits.max_value)
+    try:
+        bodies = await reader.receive()
+    except FrameError as exc:
+        await _send_final(stream, limits, _frame_error_reply(exc))
+        return
+    if not bodies:
+        return
+    try:
+        first = decode_request(bodies[0], request_limits)
+    except QkvError:
+        first = None  # answered in order by the client session below
+    if isinstance(first, PeerHello):
+        outbox = Outbox(stream, max_frame=limits.max_frame, batch=True, send_timeout=limits.write_timeout)
+        reader.unread(bodies[1:])
+        await handler.serve_peer(first, reader, outbox)
+        return
+    await _client_session(reader, Outbox(stream, max_frame=limits.max_frame, batch=False,
+                                         send_timeout=limits.write_timeout),
+                          bodies, handler, limits)
+
+
+def _frame_error_reply(exc: FrameError) -> ErrorReply:
+    if isinstance(exc, FrameTooLarge):
+        return error_reply(TooLarge(str(exc)))
+    return ErrorReply(id=None, error="bad_request", message=str(exc))
+
+
+async def _client_session(
+    reader: FramedReader, outbox: Outbox, bodies: list[bytes], handler: Handler, limits: ServerLimits
+) -> None:
+    request_limits = Limits(max_value=limits.max_value)
+    inflight = trio.Semaphore(limits.max_inflight)
+
+    async def answer(request: Request) -> None:
+        reply = await handler.handle(request)
+        outbox.put(encode_reply(reply), inflight.release)
+
+    async with trio.open_nursery() as connection:
+        writer_done = trio.Event()
+
+        async def write() -> None:
+            try:
+                await outbox.run()
+            finally:
+                writer_done.set()
+                connection.cancel_scope.cancel()
+
+        connection.start_soon(write)
+        async with trio.open_nursery() as handlers:
+            while bodies:
+                closing = False
+                for body in bodies:
+                    try:
+                        request = decode_request(body, request_limits)
+                    except QkvError as exc:
+                        outbox.put(encode_reply(error_reply(exc)))
+                        closing = isinstance(exc, FatalRequest)
+                        if closing:
+                            break
+                        continue
+                    if isinstance(request, PeerHello):
+                        outbox.put(encode_reply(ErrorReply(
+                            id=request.id, error="bad_request",
+                            message="peer_hello must be the first frame of a connection")))
+                        continue
+                    await inflight.acquire()
+                    handlers.start_soon(answer, request)
+                if closing:
+                    break
+                await outbox.wait_room()
+                try:
+                    bodies = await reader.receive()
+                except FrameError as exc:
+                    outbox.put(encode_reply(_frame_error_reply(exc)))
+                    break
+        # Every handler has queued its reply (each runs under the request
+        # deadline); flush them, then close.
+        outbox.close_after_flush()
+        await writer_done.wait()

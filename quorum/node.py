@@ -1,0 +1,231 @@
+"""A qkv node: replica, peer links, coordinator and server, composed.
+
+    async with open_node(config) as node:
+        ...  # serving on node.address until the block exits
+
+Leaving the block (or ``node.shutdown()``) stops the node gracefully: it
+stops accepting client requests (new ones get ``shutting_down``), lets the
+ones in flight finish within their deadline, keeps serving its peers
+meanwhile, then closes its storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from net.address import Address
+from net.errors import Internal, QkvError, ShuttingDown, Unavailable
+from net.messages import (
+    Delete,
+    ErrorReply,
+    Get,
+    GetReply,
+    PeerHello,
+    Ping,
+    PingReply,
+    Reply,
+    Request,
+    Set,
+    WriteReply,
+)
+from net.server import ServerLimits, error_reply, serve
+from net.stream import FramedReader, Outbox
+from quorum.catch_up import catch_up
+from quorum.coordinator import Coordinator
+from quorum.faults import FaultSwitches
+from quorum.peer_service import PeerService, SyncSessions
+from quorum.peers import PeerLink
+from quorum.replica import Replica
+from register.model import NodeId
+from register.store import MemoryStore, StorageError, Store
+
+__all__ = ["Node", "NodeConfig", "open_node"]
+
+log = logging.getLogger("qkv.node")
+
+
+@attrs.frozen(kw_only=True)
+class NodeConfig:
+    node_id: NodeId
+    listen: Address
+    peers: dict[NodeId, Address] = attrs.field(factory=dict)
+    #: None: keep everything in memory (tests, benchmarks of the protocol)
+    data_dir: Path | None = None
+    max_frame: int = 2 * 1024 * 1024
+    max_value: int = 1024 * 1024
+    request_timeout: float = 2.0
+    max_connections: int = 1024
+    max_inflight: int = 256
+
+    @property
+    def cluster_size(self) -> int:
+        return len(self.peers) + 1
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(
+            max_frame=self.max_frame,
+            max_value=self.max_value,
+            max_connections=self.max_connections,
+            max_inflight=self.max_inflight,
+        )
+
+
+def open_store(config: NodeConfig) -> Store:
+    """The storage engine the config asks for."""
+    if config.data_dir is None:
+        return MemoryStore()
+    from register.sqlite_store import SqliteStore
+
+    return SqliteStore.open(config.data_dir, config.node_id)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, store: Store) -> None:
+        self.config = config
+        self.id = config.node_id
+        self.switches = FaultSwitches()
+        self.replica = Replica(config.node_id, store)
+        self.links = {
+            peer: PeerLink(config.node_id, peer, address, max_frame=config.max_frame,
+                           send_timeout=config.request_timeout * 5)
+            for peer, address in config.peers.items()
+        }
+        self.coordinator = Coordinator(self.replica, self.links, self.switches)
+        page_bytes = max(64 * 1024, min(512 * 1024, config.max_frame // 4))
+        self.peer_service = PeerService(self.replica, self.switches, SyncSessions(page_bytes))
+        self.address = config.listen
+        self.draining = False
+        self.requests_in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.stopped = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "stopping"
+        return "serving" if self.replica.ready else "recovering"
+
+    # --- the server's handler -----------------------------------------------
+
+    async def handle(self, request: Request) -> Reply:
+        if isinstance(request, Ping):
+            return PingReply(id=request.id, node=self.id, state=self.state)
+        if self.draining:
+            return error_reply(ShuttingDown("node is shutting down", request_id=request.id))
+        if not self.replica.ready:
+            return error_reply(Unavailable(
+                f"node {self.id} is recovering (catching up after a new or lost data dir)",
+                request_id=request.id))
+        self.requests_in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            with trio.move_on_after(self.config.request_timeout):
+                return await self._execute(request)
+            return error_reply(Unavailable(
+                f"no majority answered within {self.config.request_timeout:g} s", request_id=request.id))
+        except QkvError as exc:
+            exc.request_id = request.id
+            return error_reply(exc)
+        except StorageError as exc:
+            return error_reply(Internal(f"local storage failed: {exc}", request_id=request.id))
+        finally:
+            self.requests_in_flight -= 1
+            if not self.requests_in_flight:
+                self._idle.set()
+
+    async def _execute(self, request: Request) -> Reply:
+        match request:
+            case Get(id=id_, key=key):
+                held = await self.coordinator.get(key)
+                if held is None:
+                    return GetReply(id=id_, found=False, value=None, tag=None)
+                return GetReply(id=id_, found=not held.deleted, value=held.value, tag=held.tag)
+            case Set(id=id_, key=key, value=value, rid=rid):
+                return WriteReply(id=id_, tag=await self.coordinator.write(key, value, rid))
+            case Delete(id=id_, key=key, rid=rid):
+                return WriteReply(id=id_, tag=await self.coordinator.write(key, None, rid))
+            case Ping() | PeerHello():
+                raise AssertionError("answered before the quorum path")
+        return ErrorReply(id=request.id, error="internal", message="unhandled request")
+
+    async def serve_peer(self, hello: PeerHello, reader: FramedReader, outbox: Outbox) -> None:
+        await self.peer_service.serve(hello, reader, outbox, self.state)
+
+    # --- life cycle -------------------------------------------------------------
+
+    async def _run(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope() as self._cancel:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.replica.run)
+                    for link in self.links.values():
+                        nursery.start_soon(link.run)
+                    await nursery.start(serve, listeners, self, self.config.server_limits)
+                    nursery.start_soon(catch_up, self.replica, self.links)
+                    log.info("node %s listening on %s, cluster of %d", self.id, self.address,
+                             self.config.cluster_size)
+                    task_status.started()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.replica.store.close)
+                self.stopped.set()
+                log.info("node %s stopped", self.id)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully: refuse new requests, finish those in flight
+        (within ``grace`` seconds, by default the request deadline plus a
+        margin), then stop everything."""
+        if self._cancel is None or self.stopped.is_set():
+            return
+        if not self.draining:
+            self.draining = True
+            log.info("node %s shutting down: %d requests in flight", self.id, self.requests_in_flight)
+        wait = self.config.request_timeout + 1 if grace is None else grace
+        with trio.move_on_after(wait):
+            await self._idle.wait()
+        self._cancel.cancel()
+        await self.stopped.wait()
+
+
+@asynccontextmanager
+async def open_node(
+    config: NodeConfig,
+    *,
+    store: Store | None = None,
+    listeners: Sequence[trio.SocketListener] | None = None,
+) -> AsyncIterator[Node]:
+    """Start a node; stop it gracefully when the block exits.
+
+    ``store`` defaults to the engine ``config`` asks for; ``listeners``
+    (already bound sockets) default to listening on ``config.listen``.
+    If ``config.listen`` has port 0, ``node.address`` has the port chosen.
+    """
+    node = Node(config, store if store is not None else open_store(config))
+    if listeners is None:
+        try:
+            listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+        except BaseException:
+            node.replica.store.close()
+            raise
+    node.address = Address(config.listen.host, listeners[0].socket.getsockname()[1])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node._run, listeners)
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                await node.shutdown()

@@ -1,0 +1,163 @@
+"""The replica side of node-to-node traffic: answers a peer's requests.
+
+Runs on an accepted connection that opened with ``peer_hello``. Queries are
+answered from the current state at once; all the stores of one incoming
+frame go to the replica as one submission, so a batch of updates costs one
+group commit, and their acknowledgements leave when it is durable. The
+reader waits for the outbox to drain below its high-water mark before
+reading more, so a peer that sends without reading replies cannot make this
+node buffer without bound.
+
+A replica that has not caught up (see ``quorum.catch_up``) refuses queries:
+answering from a wiped disk could make a read go back in time. It still
+stores updates, durably, which is always safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+
+import attrs
+import trio
+
+from net.codec import decode_peer_frame, encode_peer, encode_reply
+from net.messages import (
+    PeerHello,
+    PeerMessage,
+    PingReply,
+    Query,
+    QueryReply,
+    Refused,
+    Store,
+    StoreAck,
+    SyncChunk,
+    SyncEntry,
+    SyncPage,
+)
+from net.stream import FramedReader, Outbox
+from quorum.faults import FaultSwitches
+from quorum.replica import Replica, Update
+from register.model import Key, NodeId, Versioned
+from register.state import RegisterState
+from register.store import StorageError
+
+__all__ = ["PeerService", "SyncSessions"]
+
+SESSION_IDLE = 60.0
+MAX_SESSIONS = 16
+
+
+@attrs.define
+class _Snapshot:
+    keys: list[Key]
+    state: RegisterState
+    used: float
+
+
+class SyncSessions:
+    """Snapshots being streamed to recovering peers, one per session.
+
+    A snapshot is the state map at the first page: free to take (the map is
+    persistent) and unaffected by later writes. Keys are sorted once so that
+    pages can resume after any key. Idle sessions expire.
+    """
+
+    def __init__(self, page_bytes: int) -> None:
+        self._page_bytes = page_bytes
+        self._sessions: dict[tuple[NodeId, int], _Snapshot] = {}
+
+    def page(self, peer: NodeId, request: SyncPage, state: RegisterState) -> tuple[list[SyncEntry], Key | None]:
+        now = time.monotonic()
+        for sid, snap in list(self._sessions.items()):
+            if now - snap.used > SESSION_IDLE:
+                del self._sessions[sid]
+        sid = (peer, request.session)
+        snap = self._sessions.get(sid)
+        if snap is None or request.after is None:
+            while len(self._sessions) >= MAX_SESSIONS:
+                del self._sessions[min(self._sessions, key=lambda s: self._sessions[s].used)]
+            snap = self._sessions[sid] = _Snapshot(sorted(state.keys()), state, now)
+        snap.used = now
+        start = 0 if request.after is None else _bisect_after(snap.keys, request.after)
+        entries: list[SyncEntry] = []
+        size = 0
+        i = start
+        while i < len(snap.keys) and (not entries or size < self._page_bytes):
+            key = snap.keys[i]
+            version = snap.state[key]
+            size += len(key) + len(version.value or b"") + 32
+            if entries and size > self._page_bytes:
+                break
+            entries.append(SyncEntry(key=key, tag=version.tag, value=version.value))
+            i += 1
+        if i >= len(snap.keys):
+            del self._sessions[sid]
+            return entries, None
+        return entries, entries[-1].key
+
+
+def _bisect_after(keys: list[Key], after: bytes) -> int:
+    return bisect.bisect_right(keys, after)
+
+
+class PeerService:
+    def __init__(self, replica: Replica, switches: FaultSwitches, sessions: SyncSessions) -> None:
+        self.replica = replica
+        self.switches = switches
+        self.sessions = sessions
+
+    def hello_reply(self, hello: PeerHello, state: str) -> PingReply:
+        return PingReply(id=hello.id, node=self.replica.node_id, state=state)
+
+    async def serve(self, hello: PeerHello, reader: FramedReader, outbox: Outbox, state: str) -> None:
+        outbox.put(encode_reply(self.hello_reply(hello, state)), alone=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            while True:
+                await outbox.wait_room()
+                bodies = await reader.receive()
+                if not bodies:
+                    break
+                for body in bodies:
+                    self._handle_frame(hello.node, decode_peer_frame(body), outbox)
+            nursery.cancel_scope.cancel()
+
+    def _handle_frame(self, peer: NodeId, messages: list[PeerMessage], outbox: Outbox) -> None:
+        replica = self.replica
+        stores: list[Store] = []
+        for message in messages:
+            match message:
+                case Query(req=req, key=key, rid=rid):
+                    if replica.ready or self.switches.serve_before_catch_up:
+                        held = replica.get(key)
+                        reply: QueryReply | Refused = QueryReply(
+                            req=req,
+                            tag=None if held is None else held.tag,
+                            value=None if held is None else held.value,
+                            rid_tag=replica.rid_tag(rid),
+                        )
+                    else:
+                        reply = Refused(req=req, reason="recovering")
+                    outbox.put(encode_peer(reply))
+                case Store():
+                    if not self.switches.drop_stores:
+                        stores.append(message)
+                case SyncPage(req=req):
+                    entries, next_after = self.sessions.page(peer, message, replica.state)
+                    chunk = SyncChunk(req=req, entries=entries, next_after=next_after, fresh=replica.fresh)
+                    outbox.put(encode_peer(chunk))
+                case _:
+                    # Replies have no business on this side of a link.
+                    pass
+        if stores:
+            updates = [Update(s.key, Versioned(s.tag, s.value), s.rid) for s in stores]
+
+            def done(error: StorageError | None) -> None:
+                for s in stores:
+                    if error is None:
+                        outbox.put(encode_peer(StoreAck(req=s.req)))
+                    else:
+                        outbox.put(encode_peer(Refused(req=s.req, reason=f"storage: {error}")))
+
+            replica.submit(updates, done)

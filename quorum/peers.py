@@ -1,0 +1,161 @@
+"""Outbound links to peers: one long-lived connection per peer.
+
+A ``PeerLink`` dials its peer, introduces itself with ``peer_hello``, then
+carries this node's peer requests (queries, stores, sync pages) and their
+replies. Requests are matched to replies by ``req``; the coordinator uses
+one ``req`` for all links of a phase, so a phase's message is encoded once
+and the same bytes go to every peer.
+
+A link never makes anyone wait for it: while it is down, or its outbox is
+over its limit (a slow peer), ``send`` fails the request at once, and the
+phase goes on with the other nodes. When the connection breaks, every
+request waiting on it fails at once. It reconnects with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from net.address import Address
+from net.codec import MalformedMessage, decode_peer_frame, decode_reply, encode_request
+from net.framing import FrameError, encode_frame
+from net.messages import PeerHello, PeerResponse, PingReply
+from net.stream import FramedReader, Outbox
+from register.model import NodeId
+
+__all__ = ["OnReply", "PeerLink"]
+
+log = logging.getLogger("qkv.peers")
+
+OnReply = Callable[[PeerResponse | None], None]
+
+CONNECT_TIMEOUT = 1.0
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+
+
+class PeerLink:
+    def __init__(
+        self,
+        me: NodeId,
+        peer: NodeId,
+        address: Address,
+        *,
+        max_frame: int,
+        send_timeout: float,
+        outbox_limit: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.me = me
+        self.peer = peer
+        self.address = address
+        self._max_frame = max_frame
+        self._send_timeout = send_timeout
+        self._outbox_limit = outbox_limit
+        self._outbox: Outbox | None = None
+        self._pending: dict[int, OnReply] = {}
+        self.up = trio.Event()
+        self.peer_state = "unknown"
+
+    @property
+    def connected(self) -> bool:
+        return self._outbox is not None
+
+    def send(self, req: int, encoded: bytes, on_reply: OnReply) -> bool:
+        """Send an encoded request; ``on_reply`` gets the reply, or ``None``
+        if the link fails first. Returns False (having called ``on_reply``
+        with ``None``) when the request cannot be sent now."""
+        outbox = self._outbox
+        if outbox is None or outbox.queued_bytes > self._outbox_limit:
+            on_reply(None)
+            return False
+        self._pending[req] = on_reply
+        outbox.put(encoded)
+        return True
+
+    def forget(self, req: int) -> None:
+        """Drop interest in a reply (its phase is decided or timed out)."""
+        self._pending.pop(req, None)
+
+    async def run(self) -> None:
+        """Keep the link up until cancelled."""
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                await self._session()
+            except* _LINK_ERRORS as group:
+                level = logging.WARNING if self.up.is_set() else logging.DEBUG
+                log.log(level, "peer %s (%s) down: %s", self.peer, self.address, _first(group))
+            finally:
+                was_up = self.up.is_set()
+                self._drop_session()
+            backoff = BACKOFF_MIN if was_up else min(backoff * 2, BACKOFF_MAX)
+            await trio.sleep(backoff)
+
+    def _drop_session(self) -> None:
+        self._outbox = None
+        self.up = trio.Event()
+        pending, self._pending = self._pending, {}
+        for on_reply in pending.values():
+            on_reply(None)
+
+    async def _session(self) -> None:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+        async with stream:
+            reader = FramedReader(stream, self._max_frame)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await stream.send_all(encode_frame(encode_request(PeerHello(id=0, node=self.me))))
+                bodies = await reader.receive()
+            if not bodies:
+                raise _HandshakeFailed("closed during handshake")
+            hello = decode_reply(bodies[0], PingReply)
+            if not isinstance(hello, PingReply):
+                raise _HandshakeFailed(f"refused: {hello.error}: {hello.message}")
+            if hello.node != self.peer:
+                raise _HandshakeFailed(f"{self.address} is node {hello.node!r}, expected {self.peer!r}")
+            reader.unread(bodies[1:])
+            self.peer_state = hello.state
+            outbox = Outbox(stream, max_frame=self._max_frame, batch=True, send_timeout=self._send_timeout)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbox.run)
+                self._outbox = outbox
+                self.up.set()
+                log.info("peer %s (%s) up", self.peer, self.address)
+                await self._read_replies(reader)
+                nursery.cancel_scope.cancel()
+
+    async def _read_replies(self, reader: FramedReader) -> None:
+        while True:
+            bodies = await reader.receive()
+            if not bodies:
+                raise trio.BrokenResourceError("peer closed the connection")
+            for body in bodies:
+                for message in decode_peer_frame(body):
+                    on_reply = self._pending.pop(message.req, None)
+                    if on_reply is not None:
+                        on_reply(message)  # type: ignore[arg-type]
+
+
+class _HandshakeFailed(Exception):
+    pass
+
+
+_LINK_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    FrameError,
+    MalformedMessage,
+    _HandshakeFailed,
+)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> str:
+    """The first leaf error of a group, for a one-line log message."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,78 @@
+"""Tags, versioned values and the merge rule.
+
+A ``Tag`` names exactly one write: ``(counter, writer)``, ordered first by
+counter, then by writer id. A ``Versioned`` is what a register holds: a value
+(``bytes``) or a tombstone (``value is None``) under its tag. Tombstones are
+kept forever; dropping one would let an older value come back through a
+replica that missed the delete.
+
+Invariant relied on everywhere: two ``Versioned`` with equal tags carry the
+same value, because a tag is issued once (see ``quorum.coordinator``). So
+``merge`` may compare tags only, never values.
+"""
+
+from __future__ import annotations
+
+from typing import NewType
+
+import attrs
+
+NodeId = NewType("NodeId", str)
+Key = NewType("Key", bytes)
+
+
+@attrs.frozen(order=True)
+class Tag:
+    """The version of a register: compared as ``(counter, writer)``."""
+
+    counter: int
+    writer: NodeId
+
+    @classmethod
+    def zero(cls) -> Tag:
+        """A tag lower than any issued one (the never-written register)."""
+        return cls(0, NodeId(""))
+
+    def successor(self, floor: int, writer: NodeId) -> Tag:
+        """The tag a writer issues after seeing ``self``: counter above both
+        ``self`` and ``floor`` (the writer's own last issued counter)."""
+        return Tag(max(self.counter, floor) + 1, writer)
+
+
+@attrs.frozen
+class Versioned:
+    """A register's content: ``value`` under ``tag``; ``None`` is a tombstone."""
+
+    tag: Tag
+    value: bytes | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+
+@attrs.frozen(kw_only=True)
+class RidRecord:
+    """A remembered request id: the tag its write was stored under.
+
+    ``at`` is wall-clock seconds, used only to expire old records.
+    """
+
+    rid: bytes
+    key: Key
+    tag: Tag
+    at: float
+
+
+def newer(held: Versioned | None, incoming: Versioned) -> bool:
+    """Would a replica holding ``held`` adopt ``incoming``?"""
+    return held is None or incoming.tag > held.tag
+
+
+def merge(a: Versioned | None, b: Versioned | None) -> Versioned | None:
+    """The replica rule as a join: the version with the greater tag wins."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return b if b.tag > a.tag else a

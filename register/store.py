@@ -1,0 +1,113 @@
+"""The storage interface, and the in-memory engine.
+
+A ``Store`` is a blocking, durable key-value engine for one node. The trio
+side (``quorum.replica``) calls ``write`` from a single writer at a time,
+with a ``Batch`` that gathers many updates (group commit); ``write`` returns
+only once the whole batch is durable, or raises ``StorageError`` having made
+none of it durable. Nothing is acknowledged to anyone before ``write``
+returns.
+
+``MemoryStore`` keeps the same contract without a disk. An in-process test
+cluster keeps a node's ``MemoryStore`` across a restart of that node (its
+"disk" survives), and hands a new one to simulate a lost disk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+from register.model import Key, NodeId, RidRecord, Versioned
+
+
+class StorageError(Exception):
+    """A write or read of durable state failed; nothing was acknowledged."""
+
+
+@attrs.frozen(kw_only=True)
+class Meta:
+    """What a node must remember about itself besides its registers.
+
+    ``ready``: the node has caught up once and may answer quorum queries
+    (false on a new or wiped data dir). ``counter_reserved``: every tag this
+    node has issued or may issue before the next reservation has a counter
+    at most this; a restarted node resumes above it, so it never reissues a
+    tag (see ``quorum.replica``).
+    """
+
+    node_id: NodeId
+    ready: bool = False
+    counter_reserved: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Snapshot:
+    """Everything a store holds, as loaded at start."""
+
+    meta: Meta | None
+    entries: list[tuple[Key, Versioned]]
+    rids: list[RidRecord]
+
+
+@attrs.frozen(kw_only=True)
+class Batch:
+    """One group commit: all of it becomes durable, or none of it."""
+
+    entries: list[tuple[Key, Versioned]] = attrs.field(factory=list)
+    rids: list[RidRecord] = attrs.field(factory=list)
+    rids_dropped: list[bytes] = attrs.field(factory=list)
+    meta: Meta | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.rids or self.rids_dropped or self.meta)
+
+
+class Store(Protocol):
+    """A node's durable storage engine (blocking calls)."""
+
+    #: whether ``write`` blocks on a disk and so must run in a worker thread
+    blocking: bool
+
+    def load(self) -> Snapshot: ...
+
+    def write(self, batch: Batch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.define
+class MemoryStore:
+    """A ``Store`` in memory: durable only as long as the process lives.
+
+    ``fail_writes`` is a fault switch for tests: while set, every ``write``
+    raises ``StorageError`` and changes nothing, as a full or failing disk
+    would.
+    """
+
+    blocking: bool = attrs.field(default=False, init=False)
+    fail_writes: bool = False
+    _meta: Meta | None = None
+    _entries: dict[Key, Versioned] = attrs.field(factory=dict)
+    _rids: dict[bytes, RidRecord] = attrs.field(factory=dict)
+
+    def load(self) -> Snapshot:
+        return Snapshot(
+            meta=self._meta,
+            entries=list(self._entries.items()),
+            rids=list(self._rids.values()),
+        )
+
+    def write(self, batch: Batch) -> None:
+        if self.fail_writes:
+            raise StorageError("injected write failure")
+        self._entries.update(batch.entries)
+        for record in batch.rids:
+            self._rids[record.rid] = record
+        for rid in batch.rids_dropped:
+            self._rids.pop(rid, None)
+        if batch.meta is not None:
+            self._meta = batch.meta
+
+    def close(self) -> None:
+        pass
