@@ -1,1 +1,216 @@
-def main() -> None: ...
+"""``qkv``: run nodes and clusters, and read and write keys.
+
+Exit status of the client commands (the command-line contract):
+0 done, 1 key not found (``get``), 2 usage error, 3 unavailable (no node
+could complete the request). Every message is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+import trio
+
+from cli.options import address_list, setup_logging
+from net.client import open_client
+from net.errors import QkvError, Unavailable
+
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+DEFAULT_NODES = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"qkv: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qkv")
+def cli() -> None:
+    """qkv: a replicated key-value store in which every key is a
+    linearizable register, stored on every node of the cluster."""
+
+
+# --- client commands -----------------------------------------------------------
+
+nodes_option = click.option(
+    "--nodes",
+    envvar="QKV_NODES",
+    default=DEFAULT_NODES,
+    show_default=True,
+    help="Nodes to try in turn, HOST:PORT,... (default: $QKV_NODES, then the local cluster).",
+)
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+    help="Seconds to wait for each node before trying the next.",
+)
+
+
+def _key(text: str) -> bytes:
+    # Arguments arrive as str; fsencode gives back the exact bytes typed,
+    # even ones that are not valid UTF-8.
+    return os.fsencode(text)
+
+
+def _run_client(nodes: str, timeout: float, op: str, key: str, value: str | None = None) -> int:
+    addresses = address_list(nodes)
+    key_bytes = _key(key)
+    if not 1 <= len(key_bytes) <= 1024:
+        fail("KEY must be 1 to 1024 bytes", EXIT_USAGE)
+
+    async def run() -> int:
+        async with open_client(addresses, timeout=timeout) as client:
+            if op == "get":
+                result = await client.get(key_bytes)
+                if not result.found:
+                    click.echo(f"qkv: key {key!r} not found", err=True)
+                    return EXIT_NOT_FOUND
+                sys.stdout.buffer.write(result.value or b"")
+                sys.stdout.buffer.flush()
+            elif op == "set":
+                assert value is not None
+                await client.set(key_bytes, _key(value))
+            else:
+                await client.delete(key_bytes)
+            return 0
+
+    try:
+        return trio.run(run)
+    except Unavailable as exc:
+        fail(exc.message, EXIT_UNAVAILABLE)
+    except QkvError as exc:
+        fail(f"{exc.code}: {exc.message}", EXIT_USAGE if exc.definite else EXIT_UNAVAILABLE)
+
+
+@cli.command()
+@click.argument("key")
+@nodes_option
+@timeout_option
+def get(key: str, nodes: str, timeout: float) -> None:
+    """Print the value of KEY to stdout, as stored (exit 1 if not found)."""
+    sys.exit(_run_client(nodes, timeout, "get", key))
+
+
+@cli.command(name="set")
+@click.argument("key")
+@click.argument("value")
+@nodes_option
+@timeout_option
+def set_(key: str, value: str, nodes: str, timeout: float) -> None:
+    """Set KEY to VALUE, acknowledged once a majority stored it durably."""
+    sys.exit(_run_client(nodes, timeout, "set", key, value))
+
+
+@cli.command()
+@click.argument("key")
+@nodes_option
+@timeout_option
+def delete(key: str, nodes: str, timeout: float) -> None:
+    """Delete KEY (it then reads as not found)."""
+    sys.exit(_run_client(nodes, timeout, "delete", key))
+
+
+@cli.command()
+@nodes_option
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds to wait for each node.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--quiet", is_flag=True, help="Print nothing; only set the exit status.")
+def status(nodes: str, timeout: float, as_json: bool, quiet: bool) -> None:
+    """Ask every node how it is; exit 3 unless a majority is serving."""
+    from cli.status import cluster_status
+
+    report = cluster_status(address_list(nodes), timeout)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    elif not quiet:
+        click.echo(report.table())
+    sys.exit(0 if report.majority_serving else EXIT_UNAVAILABLE)
+
+
+# --- servers ------------------------------------------------------------------------
+
+size_options = [
+    click.option("--max-frame", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
+                 help="Largest frame body accepted, in bytes."),
+    click.option("--max-value", type=click.IntRange(min=0), default=1024 * 1024, show_default=True,
+                 help="Largest value accepted, in bytes."),
+    click.option("--request-timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+                 help="Seconds a request may take before it is answered 'unavailable'."),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                 show_default=True, help="Least severe log level written to stderr."),
+]
+
+
+def with_size_options(f):  # type: ignore[no-untyped-def]
+    for option in reversed(size_options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option("--id", "node_id", required=True, help="This node's id (letters, digits, - and _).")
+@click.option("--listen", required=True, help="HOST:PORT where clients and peers connect.")
+@click.option("--peer", "peers", multiple=True, metavar="ID=HOST:PORT",
+              help="Another member of the cluster; repeat once per member.")
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for everything the node must not lose (created if missing).")
+@with_size_options
+def serve(node_id: str, listen: str, peers: tuple[str, ...], data_dir: Path, max_frame: int,
+          max_value: int, request_timeout: float, log_level: str) -> None:
+    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    from cli.serve import NodeSettings, run_node
+
+    setup_logging(log_level)
+    settings = NodeSettings.from_flags(
+        node_id=node_id, listen=listen, peers=peers, data_dir=data_dir, max_frame=max_frame,
+        max_value=max_value, request_timeout=request_timeout,
+    )
+    sys.exit(run_node(settings))
+
+
+@cli.command()
+@click.option("--size", type=click.IntRange(min=1, max=15), default=3, show_default=True,
+              help="Number of nodes.")
+@click.option("--base-port", type=click.IntRange(min=1, max=65535 - 15), default=7001, show_default=True,
+              help="Node i listens on 127.0.0.1:BASE_PORT+i-1.")
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+              help="Each node stores in DATA_DIR/n<i>.")
+@with_size_options
+def cluster(size: int, base_port: int, data_dir: Path, max_frame: int, max_value: int,
+            request_timeout: float, log_level: str) -> None:
+    """Run a local cluster of SIZE nodes in this process until Ctrl-C."""
+    from cli.serve import run_local_cluster
+
+    setup_logging(log_level)
+    sys.exit(run_local_cluster(size, base_port, data_dir, max_frame=max_frame, max_value=max_value,
+                               request_timeout=request_timeout))
+
+
+def main() -> None:
+    """Entry point: usage errors are one line on stderr and exit 2."""
+    try:
+        code = cli.main(prog_name="qkv", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "qkv"
+        fail(f"{exc.format_message()} (see '{command} --help')", EXIT_USAGE)
+    except click.ClickException as exc:
+        fail(exc.format_message(), EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+

@@ -37,6 +37,7 @@ from net.messages import (
     Set,
     WriteReply,
 )
+from net.nursery import open_service_nursery
 from net.stream import FramedReader
 from register.model import Key, Tag
 
@@ -140,7 +141,7 @@ async def open_connection(
             stream = await trio.open_tcp_stream(address.host, address.port)
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"{address}: cannot connect: {exc or 'timed out'}") from None
-    async with stream, trio.open_nursery() as nursery:
+    async with stream, open_service_nursery() as nursery:
         connection = Connection(stream, address, max_frame)
         nursery.start_soon(connection._read_replies)
         try:
@@ -203,7 +204,7 @@ class Client:
                 errors.append(f"{address}: {exc.code}: {exc.message}")
                 continue
             except (PeerUnavailable, trio.TooSlowError) as exc:
-                errors.append(f"{address}: {exc or 'no answer in time'}")
+                errors.append(str(exc) if isinstance(exc, PeerUnavailable) else f"{address}: no answer in time")
                 self._disconnect(address)
                 continue
             self._preferred = index
@@ -257,7 +258,7 @@ class Client:
 @asynccontextmanager
 async def open_client(nodes: Sequence[Address], *, timeout: float = 5.0) -> AsyncIterator[Client]:
     """A fail-over client; ``timeout`` bounds each attempt on one node."""
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery() as nursery:
         client = Client(nodes, nursery, timeout=timeout)
         try:
             yield client

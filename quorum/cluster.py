@@ -28,6 +28,7 @@ import trio
 
 from net.address import Address
 from net.client import Client, open_client
+from net.nursery import open_service_nursery
 from quorum.node import Node, NodeConfig, open_node, open_store
 from register.model import NodeId
 from register.store import MemoryStore, Store
@@ -168,7 +169,7 @@ async def open_cluster(
         )
         for i in range(size)
     ]
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery() as nursery:
         cluster = LocalCluster(configs, nursery)
         try:
             if start:

@@ -34,6 +34,7 @@ from net.messages import (
     Set,
     WriteReply,
 )
+from net.nursery import open_service_nursery
 from net.server import ServerLimits, error_reply, serve
 from net.stream import FramedReader, Outbox
 from quorum.catch_up import catch_up
@@ -170,7 +171,7 @@ class Node:
     ) -> None:
         with trio.CancelScope() as self._cancel:
             try:
-                async with trio.open_nursery() as nursery:
+                async with open_service_nursery() as nursery:
                     await nursery.start(self.replica.run)
                     for link in self.links.values():
                         nursery.start_soon(link.run)
@@ -222,7 +223,7 @@ async def open_node(
             node.replica.store.close()
             raise
     node.address = Address(config.listen.host, listeners[0].socket.getsockname()[1])
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery() as nursery:
         await nursery.start(node._run, listeners)
         try:
             yield node

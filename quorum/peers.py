@@ -95,7 +95,10 @@ class PeerLink:
 
     def _drop_session(self) -> None:
         self._outbox = None
-        self.up = trio.Event()
+        if self.up.is_set():
+            # Waiters on a never-set event must keep it: it is the one that
+            # the next successful connection sets.
+            self.up = trio.Event()
         pending, self._pending = self._pending, {}
         for on_reply in pending.values():
             on_reply(None)

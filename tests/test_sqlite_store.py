@@ -1,0 +1,355 @@
+"""SqliteStore: the Store contract on disk, checked against MemoryStore."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from register.model import Key, NodeId, RidRecord, Tag, Versioned
+from register.sqlite_store import DB_NAME, SqliteStore
+from register.store import Batch, MemoryStore, Meta, Snapshot, StorageError, Store
+
+NODE = NodeId("n1")
+
+
+def v(counter: int, value: bytes | None, writer: str = "n1") -> Versioned:
+    return Versioned(Tag(counter, NodeId(writer)), value)
+
+
+def rid(name: bytes, key: bytes, counter: int, at: float) -> RidRecord:
+    return RidRecord(rid=name, key=Key(key), tag=Tag(counter, NODE), at=at)
+
+
+def contents(snap: Snapshot) -> tuple[dict[Key, Versioned], dict[bytes, RidRecord], Meta | None]:
+    """A snapshot as order-free values (MemoryStore orders rids differently)."""
+    return dict(snap.entries), {r.rid: r for r in snap.rids}, snap.meta
+
+
+def filled_batch(n: int, tag_base: int = 0, size: int = 100) -> Batch:
+    return Batch(
+        entries=[(Key(b"key-%06d" % i), v(tag_base + i + 1, bytes([i % 256]) * size)) for i in range(n)],
+        meta=Meta(node_id=NODE, counter_reserved=tag_base + n),
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "data"
+
+
+def test_fresh_store_is_empty_and_blocking(data_dir: pathlib.Path) -> None:
+    store: Store = SqliteStore.open(data_dir, NODE)
+    try:
+        assert store.blocking is True
+        assert store.load() == Snapshot(meta=None, entries=[], rids=[])
+        assert (data_dir / DB_NAME).is_file()
+    finally:
+        store.close()
+
+
+def test_round_trip_and_reopen(data_dir: pathlib.Path) -> None:
+    store = SqliteStore.open(data_dir, NODE)
+    store.write(
+        Batch(
+            entries=[(Key(b"a"), v(1, b"one")), (Key(b"b"), v(2, b"two")), (Key(b""), v(3, b""))],
+            rids=[rid(b"r1", b"a", 1, 10.0), rid(b"r2", b"b", 2, 11.0)],
+            meta=Meta(node_id=NODE, ready=False, counter_reserved=100),
+        )
+    )
+    store.write(
+        Batch(
+            entries=[(Key(b"a"), v(4, None, "n2")), (Key(b"\x00\xff"), v(5, b"\x00" * 5000))],
+            rids=[rid(b"r3", b"a", 4, 12.0)],
+            rids_dropped=[b"r1", b"never-stored"],
+            meta=Meta(node_id=NODE, ready=True, counter_reserved=200),
+        )
+    )
+    expected = (
+        {
+            Key(b"a"): v(4, None, "n2"),  # a tombstone loads back as one
+            Key(b"b"): v(2, b"two"),
+            Key(b""): v(3, b""),  # an empty value is not a tombstone
+            Key(b"\x00\xff"): v(5, b"\x00" * 5000),
+        },
+        {b"r2": rid(b"r2", b"b", 2, 11.0), b"r3": rid(b"r3", b"a", 4, 12.0)},
+        Meta(node_id=NODE, ready=True, counter_reserved=200),
+    )
+    first = store.load()
+    assert contents(first) == expected
+    store.close()
+    store.close()  # idempotent
+    with SqliteStore.open(data_dir, NODE) as again:
+        assert again.load() == first
+
+
+def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        store.write(Batch(rids=[rid(b"x", b"k", 1, 30.0), rid(b"y", b"k", 2, 10.0)]))
+        store.write(Batch(rids=[rid(b"z", b"k", 3, 20.0), rid(b"x", b"k", 1, 40.0)]))
+        assert [(r.rid, r.at) for r in store.load().rids] == [(b"y", 10.0), (b"z", 20.0), (b"x", 40.0)]
+
+
+def test_empty_batch_changes_nothing(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        store.write(Batch())
+        assert store.load() == Snapshot(meta=None, entries=[], rids=[])
+
+
+def test_batch_is_atomic_when_a_value_is_bad(data_dir: pathlib.Path) -> None:
+    store = SqliteStore.open(data_dir, NODE)
+    store.write(filled_batch(10))
+    before = store.load()
+    bad: Any = "a str, not bytes"  # refused by the STRICT table, after 499 good rows
+    batch = filled_batch(500, tag_base=1000)
+    batch.entries.append((Key(b"bad"), v(9999, bad)))
+    batch.rids.append(rid(b"r", b"key-000001", 1001, 1.0))
+    with pytest.raises(StorageError, match="cannot store TEXT value in BLOB column"):
+        store.write(batch)
+    assert store.load() == before
+    store.close()
+    with SqliteStore.open(data_dir, NODE) as store:
+        assert store.load() == before
+        store.write(filled_batch(3, tag_base=2000))  # still usable
+        assert store.load().meta == Meta(node_id=NODE, counter_reserved=2003)
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails, as a failing fsync would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_batch_is_atomic_when_commit_fails(data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SqliteStore.open(data_dir, NODE)
+    store.write(filled_batch(10))
+    before = store.load()
+    monkeypatch.setattr(store, "_conn", _FailingCommit(store._conn))
+    batch = filled_batch(300, tag_base=1000)
+    with pytest.raises(StorageError, match="injected"):
+        store.write(batch)
+    monkeypatch.undo()
+    assert store.load() == before
+    store.close()
+    with SqliteStore.open(data_dir, NODE) as store:
+        assert store.load() == before
+        store.write(batch)
+        assert contents(store.load())[0] == dict(batch.entries)
+
+
+def test_fail_writes_then_recovers(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE, fail_writes=True) as store:
+        with pytest.raises(StorageError, match="injected"):
+            store.write(filled_batch(5))
+        assert store.load().entries == []
+        store.fail_writes = False
+        store.write(filled_batch(5))
+        assert len(store.load().entries) == 5
+
+
+def test_meta_of_another_node_is_a_caller_bug(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        with pytest.raises(ValueError):
+            store.write(Batch(meta=Meta(node_id=NodeId("n2"))))
+        assert store.load().meta is None
+
+
+def test_write_after_close_raises_storage_error(data_dir: pathlib.Path) -> None:
+    store = SqliteStore.open(data_dir, NODE)
+    store.close()
+    with pytest.raises(StorageError):
+        store.write(filled_batch(1))
+
+
+def test_writes_from_different_threads(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store, ThreadPoolExecutor(4) as pool:
+        for i in range(20):  # one at a time, each on whichever worker is free
+            pool.submit(store.write, filled_batch(5, tag_base=i * 5)).result()
+        assert len(store.load().entries) == 5
+
+
+def test_corrupt_database_is_refused(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        store.write(filled_batch(3000))  # ~100 pages
+    path = data_dir / DB_NAME  # close checkpointed everything into it
+    size = path.stat().st_size
+    assert size > 20 * 4096
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xde\xad\xbe\xef" * 2048)  # 8 KiB: at least one whole page
+    with pytest.raises(StorageError, match="corrupt, refusing to serve it") as info:
+        SqliteStore.open(data_dir, NODE)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_database_is_refused(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        store.write(filled_batch(3000))
+    path = data_dir / DB_NAME
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(StorageError, match="corrupt"):
+        SqliteStore.open(data_dir, NODE)
+
+
+def test_garbage_file_is_refused(data_dir: pathlib.Path) -> None:
+    data_dir.mkdir()
+    (data_dir / DB_NAME).write_bytes(b"this is no database\n" * 500)
+    with pytest.raises(StorageError, match="not a qkv database"):
+        SqliteStore.open(data_dir, NODE)
+
+
+def test_other_sqlite_database_is_refused(data_dir: pathlib.Path) -> None:
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="is not a qkv database"):
+        SqliteStore.open(data_dir, NODE)
+
+
+def test_unknown_schema_version_is_refused(data_dir: pathlib.Path) -> None:
+    SqliteStore.open(data_dir, NODE).close()
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StorageError, match="unknown schema version 99"):
+        SqliteStore.open(data_dir, NODE)
+
+
+def test_data_dir_of_another_node_is_refused(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NodeId("node-a")) as store:
+        store.write(Batch(meta=Meta(node_id=NodeId("node-a"))))
+    with pytest.raises(StorageError, match="belongs to node node-a, not node-b"):
+        SqliteStore.open(data_dir, NodeId("node-b"))
+    SqliteStore.open(data_dir, NodeId("node-a")).close()
+
+
+def test_data_dir_that_cannot_be_created_is_refused(tmp_path: pathlib.Path) -> None:
+    # Tests run as root, where permission bits do not stop writes; a regular
+    # file in the path stops anyone.
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create data dir"):
+        SqliteStore.open(tmp_path / "file" / "data", NODE)
+    with pytest.raises(StorageError, match="cannot create data dir"):
+        SqliteStore.open(tmp_path / "file", NODE)
+
+
+def test_data_dir_in_use_is_refused(data_dir: pathlib.Path) -> None:
+    refused = pytest.raises(StorageError, match="in use by another process")
+    with SqliteStore.open(data_dir, NODE), refused:
+        SqliteStore.open(data_dir, NODE)
+    SqliteStore.open(data_dir, NODE).close()
+
+
+# --- equivalence with the reference engine -----------------------------------
+
+keys = st.sampled_from([b"a", b"b", b"c", b"", b"\x00\xff"]).map(Key)
+tags = st.builds(Tag, st.integers(0, 2**63 - 1), st.sampled_from(["n1", "n2", "n3"]).map(NodeId))
+versioneds = st.builds(Versioned, tags, st.none() | st.binary(max_size=40))
+rid_names = st.binary(max_size=2)
+rid_records = st.builds(
+    RidRecord,
+    rid=rid_names,
+    key=keys,
+    tag=tags,
+    at=st.floats(0, 2e9, allow_nan=False, allow_infinity=False),
+)
+metas = st.none() | st.builds(
+    Meta, node_id=st.just(NODE), ready=st.booleans(), counter_reserved=st.integers(0, 2**63 - 1)
+)
+batches = st.builds(
+    Batch,
+    entries=st.lists(st.tuples(keys, versioneds), max_size=6),
+    rids=st.lists(rid_records, max_size=4),
+    rids_dropped=st.lists(rid_names, max_size=3),
+    meta=metas,
+)
+
+
+@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(batches, max_size=8))
+def test_same_snapshots_as_memory_store(
+    tmp_path_factory: pytest.TempPathFactory, sequence: list[Batch]
+) -> None:
+    with tempfile.TemporaryDirectory(dir=tmp_path_factory.getbasetemp()) as tmp:
+        model = MemoryStore()
+        store = SqliteStore.open(pathlib.Path(tmp), NODE)
+        try:
+            for batch in sequence:
+                model.write(batch)
+                store.write(batch)
+            assert contents(store.load()) == contents(model.load())
+        finally:
+            store.close()
+        with SqliteStore.open(pathlib.Path(tmp), NODE) as store:
+            snap = store.load()
+        assert contents(snap) == contents(model.load())
+        assert [r.at for r in snap.rids] == sorted(r.at for r in snap.rids)
+
+
+# --- a real full disk ---------------------------------------------------------
+
+
+def test_full_disk_fails_writes_cleanly_then_recovers(tmp_path: pathlib.Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as e:
+        pytest.skip(f"cannot run mount to get a small filesystem: {e}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs (needs root): {mounted.stderr.strip()}")
+    store: SqliteStore | None = None
+    try:
+        filler = mnt / "filler"  # freed later, as an operator would free space
+        filler.write_bytes(b"\0" * 256 * 1024)
+        store = SqliteStore.open(mnt / "data", NODE)
+        model = MemoryStore()  # gets exactly the acknowledged batches
+        for i in range(1000):
+            batch = filled_batch(20, tag_base=i * 20, size=1000)
+            batch = Batch(entries=[(Key(b"%04d-" % i + k), x) for k, x in batch.entries], meta=batch.meta)
+            try:
+                store.write(batch)
+            except StorageError:
+                break
+            model.write(batch)
+        else:
+            pytest.fail("1 MiB tmpfs never filled up")
+        assert model.load().entries, "nothing fitted before the disk was full"
+        with pytest.raises(StorageError):
+            store.write(batch)  # still full: fails again, cleanly
+        assert contents(store.load()) == contents(model.load())
+
+        filler.unlink()
+        store.write(batch)
+        model.write(batch)
+        assert contents(store.load()) == contents(model.load())
+        store.close()
+        store = SqliteStore.open(mnt / "data", NODE)
+        assert contents(store.load()) == contents(model.load())
+    finally:
+        if store is not None:
+            store.close()
+        subprocess.run(["umount", str(mnt)], check=False)
