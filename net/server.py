@@ -20,7 +20,7 @@ session (node-to-node traffic shares the listening port).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -52,6 +52,9 @@ class Handler(Protocol):
     async def handle(self, request: Request) -> Reply:
         """Answer one client request (never raises ``QkvError``: it is
         turned into an ``ErrorReply`` by the handler itself)."""
+
+    def is_peer(self, node: str) -> bool:
+        """Whether ``node`` is a member that may open a peer session."""
 
     async def serve_peer(self, hello: PeerHello, reader: FramedReader, outbox: Outbox) -> None:
         """Run a node-to-node session on this connection until it ends."""
@@ -105,14 +108,22 @@ async def _connection(
             refusal = Unavailable("too many connections")
             await _send_final(stream, limits, error_reply(refusal))
             return
+        held = [True]
+
+        def release() -> None:
+            # A peer link is not a client: it leaves the client cap.
+            if held[0]:
+                held[0] = False
+                slots.release()
+
         try:
-            await _session(stream, handler, limits)
+            await _session(stream, handler, limits, release)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass  # the client went away or stopped reading; nothing to answer
         except* MalformedMessage as group:
             log.warning("closing a peer connection: %s", group.exceptions[0])
         finally:
-            slots.release()
+            release()
 
 
 async def _send_final(stream: trio.abc.SendStream, limits: ServerLimits, reply: ErrorReply) -> None:
@@ -122,7 +133,9 @@ async def _send_final(stream: trio.abc.SendStream, limits: ServerLimits, reply: 
     await outbox.run()
 
 
-async def _session(stream: trio.SocketStream, handler: Handler, limits: ServerLimits) -> None:
+async def _session(
+    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, leave_client_cap: Callable[[], None]
+) -> None:
     reader = FramedReader(stream, limits.max_frame)
     request_limits = Limits(max_value=limits.max_value)
     try:
@@ -137,6 +150,11 @@ async def _session(stream: trio.SocketStream, handler: Handler, limits: ServerLi
     except QkvError:
         first = None  # answered in order by the client session below
     if isinstance(first, PeerHello):
+        if not handler.is_peer(first.node):
+            await _send_final(stream, limits, ErrorReply(
+                id=first.id, error="bad_request", message=f"{first.node!r} is not a member of this cluster"))
+            return
+        leave_client_cap()
         outbox = Outbox(stream, max_frame=limits.max_frame, batch=True, send_timeout=limits.write_timeout)
         reader.unread(bodies[1:])
         await handler.serve_peer(first, reader, outbox)

@@ -111,7 +111,7 @@ async def _copy(replica: Replica, link: PeerLink) -> bool:
         if chunk.entries:
             replica.raise_floor(max(e.tag.counter for e in chunk.entries))
             try:
-                await replica.store(Update(e.key, Versioned(e.tag, e.value)) for e in chunk.entries)
+                await replica.persist(Update(e.key, Versioned(e.tag, e.value)) for e in chunk.entries)
             except StorageError as exc:
                 raise _PageFailed(f"storage: {exc}") from exc
         if chunk.next_after is None:

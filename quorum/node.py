@@ -158,6 +158,9 @@ class Node:
                 raise AssertionError("answered before the quorum path")
         return ErrorReply(id=request.id, error="internal", message="unhandled request")
 
+    def is_peer(self, node: str) -> bool:
+        return node in self.links
+
     async def serve_peer(self, hello: PeerHello, reader: FramedReader, outbox: Outbox) -> None:
         await self.peer_service.serve(hello, reader, outbox, self.state)
 

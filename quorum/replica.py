@@ -99,7 +99,7 @@ class Replica:
             return
         self._wakeup.set()
 
-    async def store(self, updates: Iterable[Update]) -> None:
+    async def persist(self, updates: Iterable[Update]) -> None:
         """Submit and wait until durable; raises ``StorageError``."""
         items = list(updates)
         await _until_done(lambda done: self.submit(items, done))
