@@ -29,6 +29,7 @@ import trio
 from net.address import Address
 from net.client import Client, open_client
 from net.nursery import open_service_nursery
+from quorum.faults import FaultSwitches
 from quorum.node import Node, NodeConfig, open_node, open_store
 from register.model import NodeId
 from register.store import MemoryStore, Store
@@ -77,11 +78,13 @@ class LocalCluster:
         chosen = range(self.size) if nodes is None else nodes
         return open_client([self.addresses[i] for i in chosen], timeout=timeout)
 
-    async def start(self, i: int) -> Node:
+    async def start(self, i: int, *, switches: FaultSwitches | None = None) -> Node:
+        """Start node ``i`` on its storage; ``switches`` (tests only) break
+        chosen safety rules from its first moment."""
         if self._nodes[i] is not None:
             raise RuntimeError(f"node {self.configs[i].node_id} is already running")
         self._done[i] = trio.Event()
-        node: Node = await self._nursery.start(self._run, i)
+        node: Node = await self._nursery.start(self._run, i, switches)
         return node
 
     async def stop(self, i: int, *, grace: float | None = None) -> None:
@@ -111,11 +114,11 @@ class LocalCluster:
         memory = self._memory[i]
         return memory if memory is not None else open_store(self.configs[i])
 
-    async def _run(self, i: int, *, task_status: trio.TaskStatus[Node]) -> None:
+    async def _run(self, i: int, switches: FaultSwitches | None, *, task_status: trio.TaskStatus[Node]) -> None:
         config = self.configs[i]
         try:
             listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-            async with open_node(config, store=self._store(i), listeners=listeners) as node:
+            async with open_node(config, store=self._store(i), listeners=listeners, switches=switches) as node:
                 self._nodes[i] = node
                 task_status.started(node)
                 await node.stopped.wait()

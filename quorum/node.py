@@ -88,10 +88,10 @@ def open_store(config: NodeConfig) -> Store:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, store: Store) -> None:
+    def __init__(self, config: NodeConfig, store: Store, switches: FaultSwitches | None = None) -> None:
         self.config = config
         self.id = config.node_id
-        self.switches = FaultSwitches()
+        self.switches = switches if switches is not None else FaultSwitches()
         self.replica = Replica(config.node_id, store)
         self.links = {
             peer: PeerLink(config.node_id, peer, address, max_frame=config.max_frame,
@@ -122,7 +122,7 @@ class Node:
             return PingReply(id=request.id, node=self.id, state=self.state)
         if self.draining:
             return error_reply(ShuttingDown("node is shutting down", request_id=request.id))
-        if not self.replica.ready:
+        if not (self.replica.ready or self.switches.serve_before_catch_up):
             return error_reply(Unavailable(
                 f"node {self.id} is recovering (catching up after a new or lost data dir)",
                 request_id=request.id))
@@ -211,14 +211,16 @@ async def open_node(
     *,
     store: Store | None = None,
     listeners: Sequence[trio.SocketListener] | None = None,
+    switches: FaultSwitches | None = None,
 ) -> AsyncIterator[Node]:
     """Start a node; stop it gracefully when the block exits.
 
     ``store`` defaults to the engine ``config`` asks for; ``listeners``
-    (already bound sockets) default to listening on ``config.listen``.
+    (already bound sockets) default to listening on ``config.listen``;
+    ``switches`` (tests only) break chosen safety rules from the start.
     If ``config.listen`` has port 0, ``node.address`` has the port chosen.
     """
-    node = Node(config, store if store is not None else open_store(config))
+    node = Node(config, store if store is not None else open_store(config), switches)
     if listeners is None:
         try:
             listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
