@@ -145,6 +145,8 @@ size_options = [
                  help="Largest value accepted, in bytes."),
     click.option("--request-timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
                  help="Seconds a request may take before it is answered 'unavailable'."),
+    click.option("--storage", type=click.Choice(["sqlite", "memory"]), default="sqlite", show_default=True,
+                 help="Storage engine. 'memory' keeps nothing across a restart: for tests and benchmarks only."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                  show_default=True, help="Least severe log level written to stderr."),
 ]
@@ -165,13 +167,14 @@ def with_size_options(f):  # type: ignore[no-untyped-def]
               help="Directory for everything the node must not lose (created if missing).")
 @with_size_options
 def serve(node_id: str, listen: str, peers: tuple[str, ...], data_dir: Path, max_frame: int,
-          max_value: int, request_timeout: float, log_level: str) -> None:
+          max_value: int, request_timeout: float, storage: str, log_level: str) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from cli.serve import NodeSettings, run_node
 
     setup_logging(log_level)
     settings = NodeSettings.from_flags(
-        node_id=node_id, listen=listen, peers=peers, data_dir=data_dir, max_frame=max_frame,
+        node_id=node_id, listen=listen, peers=peers, data_dir=None if storage == "memory" else data_dir,
+        max_frame=max_frame,
         max_value=max_value, request_timeout=request_timeout,
     )
     sys.exit(run_node(settings))
@@ -186,13 +189,55 @@ def serve(node_id: str, listen: str, peers: tuple[str, ...], data_dir: Path, max
               help="Each node stores in DATA_DIR/n<i>.")
 @with_size_options
 def cluster(size: int, base_port: int, data_dir: Path, max_frame: int, max_value: int,
-            request_timeout: float, log_level: str) -> None:
+            request_timeout: float, storage: str, log_level: str) -> None:
     """Run a local cluster of SIZE nodes in this process until Ctrl-C."""
     from cli.serve import run_local_cluster
 
     setup_logging(log_level)
-    sys.exit(run_local_cluster(size, base_port, data_dir, max_frame=max_frame, max_value=max_value,
-                               request_timeout=request_timeout))
+    sys.exit(run_local_cluster(size, base_port, None if storage == "memory" else data_dir,
+                               max_frame=max_frame, max_value=max_value, request_timeout=request_timeout))
+
+
+@cli.command()
+@click.option("--nodes", envvar="QKV_NODES", default=None,
+              help="Cluster to load, HOST:PORT,... (default: $QKV_NODES; or use --local).")
+@click.option("--local", type=click.IntRange(min=1, max=9), default=None,
+              help="Start a cluster of this many qkv processes on free loopback ports and load it.")
+@click.option("--storage", type=click.Choice(["sqlite", "memory"]), default="sqlite", show_default=True,
+              help="Storage engine of the --local cluster.")
+@click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Connections, spread over the nodes.")
+@click.option("--pipeline", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests in flight per connection.")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Measured seconds (after the warm-up).")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help="Stop after this many measured requests instead of --duration.")
+@click.option("--keys", type=click.IntRange(min=1), default=5000, show_default=True, help="Key space.")
+@click.option("--distribution", type=click.Choice(["uniform", "zipfian"]), default="uniform",
+              show_default=True, help="How keys are drawn.")
+@click.option("--value-size", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Bytes per value.")
+@click.option("--read-ratio", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of gets among requests.")
+@click.option("--rate", type=click.FloatRange(min=1), default=None,
+              help="Open loop: requests per second in all (latency counted from the due time).")
+@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Unmeasured seconds before measuring.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(nodes: str | None, local: int | None, storage: str, clients: int, pipeline: int,
+          duration: float, requests: int | None, keys: int, distribution: str, value_size: int,
+          read_ratio: float, rate: float | None, warmup: float, as_json: bool) -> None:
+    """Measure throughput and latency percentiles of a cluster."""
+    from cli.bench import Workload, emit, run_bench
+
+    if (nodes is None) == (local is None):
+        raise click.UsageError("give either --nodes (or QKV_NODES) or --local N")
+    work = Workload(clients=clients, pipeline=pipeline, duration=duration, requests=requests, keys=keys,
+                    distribution=distribution, value_size=value_size, read_ratio=read_ratio, rate=rate,
+                    warmup=warmup)
+    report = run_bench(None if nodes is None else address_list(nodes), local, storage, work, as_json)
+    emit(report, work, as_json)
 
 
 def main() -> None:

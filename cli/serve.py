@@ -40,7 +40,7 @@ class NodeSettings:
         node_id: str,
         listen: str,
         peers: tuple[str, ...],
-        data_dir: Path,
+        data_dir: Path | None,
         max_frame: int,
         max_value: int,
         request_timeout: float,
@@ -99,7 +99,7 @@ def run_node(settings: NodeSettings) -> int:
     return _run(main)
 
 
-def run_local_cluster(size: int, base_port: int, data_dir: Path, **overrides: float) -> int:
+def run_local_cluster(size: int, base_port: int, data_dir: Path | None, **overrides: float) -> int:
     async def main() -> None:
         ports = [base_port + i for i in range(size)]
         async with open_cluster(size, data_dir=data_dir, ports=ports, **overrides) as cluster:

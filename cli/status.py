@@ -47,7 +47,9 @@ class ClusterStatus:
         return "\n".join(lines)
 
 
-def cluster_status(addresses: list[Address], timeout: float) -> ClusterStatus:
+async def ping_all(addresses: list[Address], timeout: float) -> list[NodeStatus]:
+    """Ping every node at once; each answer or failure within ``timeout``."""
+
     async def ask(address: Address, results: dict[Address, NodeStatus]) -> None:
         try:
             async with open_client([address], timeout=timeout) as client:
@@ -56,11 +58,15 @@ def cluster_status(addresses: list[Address], timeout: float) -> ClusterStatus:
         except (PeerUnavailable, QkvError, trio.TooSlowError) as exc:
             results[address] = NodeStatus(address, None, "unreachable", str(exc) or "no answer in time")
 
+    results: dict[Address, NodeStatus] = {}
+    async with trio.open_nursery() as nursery:
+        for address in addresses:
+            nursery.start_soon(ask, address, results)
+    return [results[a] for a in addresses]
+
+
+def cluster_status(addresses: list[Address], timeout: float) -> ClusterStatus:
     async def main() -> ClusterStatus:
-        results: dict[Address, NodeStatus] = {}
-        async with trio.open_nursery() as nursery:
-            for address in addresses:
-                nursery.start_soon(ask, address, results)
-        return ClusterStatus([results[a] for a in addresses])
+        return ClusterStatus(await ping_all(addresses, timeout))
 
     return trio.run(main)

@@ -25,7 +25,7 @@ import trio
 from net.address import Address
 from net.codec import MalformedMessage, decode_reply, encode_request, reply_id
 from net.errors import PeerUnavailable, ShuttingDown, Unavailable, error_for_code
-from net.framing import FrameError, encode_frame
+from net.framing import FrameError
 from net.messages import (
     Delete,
     ErrorReply,
@@ -38,7 +38,7 @@ from net.messages import (
     WriteReply,
 )
 from net.nursery import open_service_nursery
-from net.stream import FramedReader
+from net.stream import FramedReader, Outbox
 from register.model import Key, Tag
 
 __all__ = ["Client", "Connection", "GetResult", "open_client", "open_connection"]
@@ -47,14 +47,16 @@ T = TypeVar("T")
 
 DEFAULT_MAX_FRAME = 2 * 1024 * 1024
 CONNECT_TIMEOUT = 2.0
+SEND_TIMEOUT = 30.0
 
 
 class Connection:
     def __init__(self, stream: trio.SocketStream, address: Address, max_frame: int) -> None:
         self.address = address
-        self._stream = stream
         self._reader = FramedReader(stream, max_frame)
-        self._send_lock = trio.StrictFIFOLock()
+        # Requests go out through one writer task, so that requests made
+        # at the same moment by many tasks share one send.
+        self._outbox = Outbox(stream, max_frame=max_frame, batch=False, send_timeout=SEND_TIMEOUT)
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[bytes]]] = {}
         self._broken: BaseException | None = None
@@ -69,11 +71,8 @@ class Connection:
         slot: list[bytes] = []
         self._waiting[request.id] = (arrived, slot)
         try:
-            async with self._send_lock:
-                try:
-                    await self._stream.send_all(encode_frame(encode_request(request)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._fail(exc)
+            await self._outbox.wait_room()
+            self._outbox.put(encode_request(request))
             await arrived.wait()
         finally:
             self._waiting.pop(request.id, None)
@@ -96,6 +95,12 @@ class Connection:
             self._broken = exc
         for arrived, _ in self._waiting.values():
             arrived.set()
+
+    async def _write_requests(self) -> None:
+        try:
+            await self._outbox.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+            self._fail(exc)
 
     async def _read_replies(self) -> None:
         try:
@@ -144,6 +149,7 @@ async def open_connection(
     async with stream, open_service_nursery() as nursery:
         connection = Connection(stream, address, max_frame)
         nursery.start_soon(connection._read_replies)
+        nursery.start_soon(connection._write_requests)
         try:
             yield connection
         finally:

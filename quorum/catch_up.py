@@ -33,6 +33,7 @@ from quorum.decide import majority
 from quorum.peers import PeerLink
 from quorum.replica import Replica, Update
 from register.model import NodeId, Versioned
+from register.state import highest_counter
 from register.store import StorageError
 
 __all__ = ["catch_up", "peers_needed"]
@@ -41,6 +42,7 @@ log = logging.getLogger("qkv.catch_up")
 
 PAGE_TIMEOUT = 5.0
 RETRY_DELAY = 0.2
+LOST_COUNTER_MARGIN = 2**32
 _reqs = itertools.count(2**62)  # apart from the coordinator's request ids
 
 
@@ -90,6 +92,13 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
             nursery.start_soon(copy_from, peer, link)
         await enough.wait()
         nursery.cancel_scope.cancel()
+    if len(copied) >= needed:
+        # This data dir may have lost the reservation of counters it issued
+        # (a lost disk). A write it coordinated just before, stored only on
+        # nodes we did not copy from, may carry a counter above everything
+        # copied; jumping far above makes reissuing that tag impossible in
+        # practice (it would take 2**32 lost unacknowledged writes).
+        replica.raise_floor(highest_counter(replica.state) + LOST_COUNTER_MARGIN)
     await replica.mark_ready()
     log.warning("node %s caught up from %s and is serving", replica.node_id,
                 ", ".join(sorted(copied)) or "a fresh cluster")

@@ -1,0 +1,294 @@
+"""``qkv bench``: load over the native protocol, with latency percentiles.
+
+Closed loop by default: ``clients`` connections, each with ``pipeline``
+requests in flight, each sent as soon as the previous one is answered.
+With ``--rate`` the load is open loop: requests are due at fixed intervals
+and latency counts from the time a request was *due*, not sent, so a
+stalled server cannot hide its stall by slowing the load down (coordinated
+omission).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import click
+import trio
+
+from cli.histogram import Histogram
+from net.address import Address
+from net.client import Connection, open_connection
+from net.errors import QkvError
+from net.messages import Get, GetReply, Set, WriteReply
+from register.model import Key
+
+
+@attrs.frozen(kw_only=True)
+class Workload:
+    clients: int = 16
+    pipeline: int = 4
+    duration: float = 10.0
+    requests: int | None = None
+    keys: int = 5000
+    distribution: str = "uniform"
+    value_size: int = 100
+    read_ratio: float = 0.5
+    rate: float | None = None
+    warmup: float = 1.0
+
+
+class KeyChooser:
+    def __init__(self, count: int, distribution: str, rng: random.Random) -> None:
+        self.keys = [Key(f"key{i:08d}".encode()) for i in range(count)]
+        self.rng = rng
+        self.cdf: list[float] | None = None
+        if distribution == "zipfian":
+            weights = list(itertools.accumulate(1 / (i + 1) ** 0.99 for i in range(count)))
+            self.cdf = [w / weights[-1] for w in weights]
+
+    def next(self) -> Key:
+        if self.cdf is None:
+            return self.keys[self.rng.randrange(len(self.keys))]
+        return self.keys[bisect.bisect_left(self.cdf, self.rng.random())]
+
+
+@attrs.define
+class Stats:
+    histogram: Histogram = attrs.field(factory=Histogram)
+    reads: int = 0
+    writes: int = 0
+    errors: Counter[str] = attrs.field(factory=Counter)
+
+
+async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict[str, Any]:
+    rng = random.Random(1)
+    chooser = KeyChooser(work.keys, work.distribution, rng)
+    value = os.urandom(work.value_size)
+    stats = Stats()
+    recording = False
+    done = trio.Event()
+    issued = 0
+    started = 0.0
+    tickets_send, tickets_receive = trio.open_memory_channel[float](max(1, int(work.rate or 1)) * 60)
+
+    async def one(conn: Connection, due: float) -> None:
+        nonlocal issued
+        issued += 1
+        read = rng.random() < work.read_ratio
+        key = chooser.next()
+        try:
+            if read:
+                await conn.request(Get(id=0, key=key), GetReply)
+            else:
+                await conn.request(Set(id=0, key=key, value=value), WriteReply)
+        except QkvError as exc:
+            if recording:
+                stats.errors[exc.code] += 1
+            return
+        if recording:
+            stats.histogram.record(int((time.perf_counter() - due) * 1e6))
+            if read:
+                stats.reads += 1
+            else:
+                stats.writes += 1
+        if work.requests is not None and stats.reads + stats.writes >= work.requests:
+            done.set()
+
+    async def worker(conn: Connection) -> None:
+        if work.rate is None:
+            while True:
+                await one(conn, time.perf_counter())
+        else:
+            async for due in tickets_receive:
+                await trio.sleep_until(trio.current_time() + max(0.0, due - time.perf_counter()))
+                await one(conn, due)
+
+    async def dispatcher() -> None:
+        assert work.rate is not None
+        interval = 1 / work.rate
+        due = time.perf_counter()
+        while True:
+            due += interval
+            await trio.sleep(max(0.0, due - time.perf_counter()))
+            await tickets_send.send(due)
+
+    async def show_progress() -> None:
+        last = 0
+        while True:
+            await trio.sleep(1)
+            count = stats.reads + stats.writes
+            elapsed = time.perf_counter() - started if recording else 0.0
+            p99 = stats.histogram.percentile(99) / 1000
+            phase = "measuring" if recording else "warming up"
+            sys.stderr.write(f"\r{phase}: {elapsed:5.1f}/{work.duration:g} s  {count - last:8,d} ops/s  "
+                             f"p99 {p99:7.2f} ms  errors {sum(stats.errors.values())}   ")
+            sys.stderr.flush()
+            last = count
+
+    async with trio.open_nursery() as nursery:
+        connections: list[Connection] = []
+        for i in range(work.clients):
+            address = nodes[i % len(nodes)]
+            connections.append(await nursery.start(_hold_connection, address))
+        for conn in connections:
+            for _ in range(work.pipeline):
+                nursery.start_soon(worker, conn)
+        if work.rate is not None:
+            nursery.start_soon(dispatcher)
+        if progress:
+            nursery.start_soon(show_progress)
+        await trio.sleep(work.warmup)
+        recording = True
+        started = time.perf_counter()
+        if work.requests is None:
+            with trio.move_on_after(work.duration):
+                await done.wait()
+        else:
+            await done.wait()
+        elapsed = time.perf_counter() - started
+        recording = False
+        nursery.cancel_scope.cancel()
+    if progress:
+        sys.stderr.write("\n")
+    h = stats.histogram
+    ops = stats.reads + stats.writes
+    return {
+        "ops": ops,
+        "reads": stats.reads,
+        "writes": stats.writes,
+        "seconds": round(elapsed, 3),
+        "ops_per_s": round(ops / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": {name: h.percentile(p) / 1000 for name, p in
+                       (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))} | {"max": h.max / 1000},
+        "errors": dict(stats.errors),
+        "issued": issued,
+    }
+
+
+async def _hold_connection(address: Address, *, task_status: trio.TaskStatus[Connection]) -> None:
+    async with open_connection(address) as conn:
+        task_status.started(conn)
+        await trio.sleep_forever()
+
+
+# --- a local cluster of qkv processes ------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def local_cluster(size: int, storage: str, data_dir: Path | None) -> Iterator[tuple[list[Address], list[int]]]:
+    """Start ``size`` ``qkv serve`` processes on free loopback ports."""
+    ports = _free_ports(size)
+    root = Path(tempfile.mkdtemp(prefix="qkv-bench-")) if data_dir is None else data_dir
+    qkv = Path(sys.executable).parent / "qkv"
+    command = [str(qkv)] if qkv.exists() else [sys.executable, "-m", "cli"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, port in enumerate(ports):
+            peers = [f"--peer=n{j + 1}=127.0.0.1:{p}" for j, p in enumerate(ports) if j != i]
+            log = open(root / f"n{i + 1}.log", "ab")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(
+                [*command, "serve", f"--id=n{i + 1}", f"--listen=127.0.0.1:{port}", *peers,
+                 f"--data-dir={root / f'n{i + 1}'}", f"--storage={storage}", "--log-level=warning"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            ))
+            log.close()
+        addresses = [Address("127.0.0.1", p) for p in ports]
+        trio.run(_wait_serving, addresses)
+        yield addresses, [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def _wait_serving(addresses: list[Address]) -> None:
+    from cli.status import ping_all
+
+    with trio.fail_after(30):
+        while True:
+            states = await ping_all(addresses, 1.0)
+            if all(s.state == "serving" for s in states):
+                return
+            await trio.sleep(0.1)
+
+
+def run_bench(nodes: list[Address] | None, local: int | None, storage: str, work: Workload,
+              as_json: bool) -> dict[str, Any]:
+    progress = sys.stderr.isatty() and not as_json
+    if local is None:
+        assert nodes is not None
+        report = trio.run(run_load, nodes, work, progress)
+        report["cluster"] = {"nodes": [str(a) for a in nodes]}
+        return report
+    with local_cluster(local, storage, None) as (addresses, pids):
+        rss_start = [_rss_kib(pid) for pid in pids]
+        report = trio.run(run_load, addresses, work, progress)
+        rss_end = [_rss_kib(pid) for pid in pids]
+    report["cluster"] = {"local": local, "storage": storage, "rss_kib_start": rss_start, "rss_kib_end": rss_end}
+    return report
+
+
+def format_report(report: dict[str, Any], work: Workload) -> str:
+    lat = report["latency_ms"]
+    mode = f"open loop at {work.rate:g}/s" if work.rate else f"{work.clients} clients x {work.pipeline} in flight"
+    lines = [
+        f"workload: {mode}, {work.keys} keys ({work.distribution}), {work.value_size} B values, "
+        f"{work.read_ratio:.0%} reads",
+        f"throughput: {report['ops_per_s']:,.0f} ops/s ({report['ops']:,} ops in {report['seconds']} s: "
+        f"{report['reads']:,} gets, {report['writes']:,} sets)",
+        "latency ms: " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()),
+        f"errors: {report['errors'] or 'none'}",
+    ]
+    cluster = report["cluster"]
+    if "rss_kib_start" in cluster:
+        lines.append(f"server RSS KiB: start {cluster['rss_kib_start']} end {cluster['rss_kib_end']}")
+    return "\n".join(lines)
+
+
+def emit(report: dict[str, Any], work: Workload, as_json: bool) -> None:
+    click.echo(json.dumps(report) if as_json else format_report(report, work))
+
+

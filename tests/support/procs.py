@@ -1,0 +1,409 @@
+"""Helpers for tests that run ``qkv`` as real processes.
+
+* ``free_ports(n)``: ports free on loopback right now (bind port 0, read,
+  close); ``consecutive_free_ports(n)``: a base port with ``n`` free ports
+  in a row (for ``qkv cluster`` and ``scripts/cluster.sh``).
+* ``run_qkv(*args)``: run one ``qkv`` command to completion under a timeout
+  and capture ``(returncode, stdout bytes, stderr text)``.
+* ``ProcCluster``: ``N`` ``qkv serve`` processes (ids ``n1..nN``, node
+  indices 0-based like ``quorum.cluster.LocalCluster``), each with its own
+  data dir and log file under a given directory. Used as a context manager
+  it always stops every process it started, SIGTERM first, then SIGKILL.
+
+Every wait here is bounded. ``ProcCluster.wait_serving`` runs its own trio
+loop; inside a trio test use ``await cluster.wait_serving_async()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+import trio
+
+from net.address import Address
+from net.client import open_client
+from net.errors import PeerUnavailable, QkvError
+
+__all__ = [
+    "LOOPBACK",
+    "QKV",
+    "ProcCluster",
+    "QkvResult",
+    "consecutive_free_ports",
+    "free_ports",
+    "ping_states",
+    "pid_alive",
+    "qkv_env",
+    "run_qkv",
+    "stop_process",
+]
+
+LOOPBACK = "127.0.0.1"
+#: the console script of the venv running the tests
+QKV = Path(sys.executable).parent / "qkv"
+
+#: how long a node gets to exit after SIGTERM before it is killed
+STOP_GRACE = 5.0
+
+
+# --- ports -----------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on loopback right now (bound together,
+    read, released)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+def consecutive_free_ports(n: int, *, attempts: int = 100) -> int:
+    """A base port ``P`` such that ``P .. P+n-1`` are all free right now."""
+    for _ in range(attempts):
+        base = free_ports(1)[0]
+        if base + n - 1 > 65535:
+            continue
+        if all(_port_free(base + k) for k in range(1, n)):
+            return base
+    raise RuntimeError(f"found no {n} consecutive free ports in {attempts} attempts")
+
+
+# --- one-shot commands ---------------------------------------------------------------
+
+
+@attrs.frozen
+class QkvResult:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def qkv_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``qkv`` process: ours without ``QKV_*``
+    variables (so a developer's ``QKV_NODES`` cannot leak in), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QKV_")}
+    env.update(extra or {})
+    return env
+
+
+def run_qkv(
+    *args: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    cwd: Path | None = None,
+) -> QkvResult:
+    """Run ``qkv ARGS...`` to completion (killed after ``timeout`` seconds,
+    which then raises ``subprocess.TimeoutExpired``)."""
+    done = subprocess.run(
+        [str(QKV), *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=qkv_env(env),
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+    return QkvResult(done.returncode, done.stdout, done.stderr.decode("utf-8", "replace"))
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM,
+                 grace: float = STOP_GRACE) -> int:
+    """Send ``sig``, wait up to ``grace`` seconds, then SIGKILL; always reaps.
+    Returns the exit status (negative: killed by that signal)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    return proc.wait(timeout=30)
+
+
+async def ping_states(addresses: Sequence[Address], *, timeout: float = 1.0) -> list[str]:
+    """Each node's state as its ping answers it (``"unreachable"`` if not)."""
+    states = ["unreachable"] * len(addresses)
+
+    async def ask(i: int) -> None:
+        try:
+            with trio.fail_after(timeout + 0.5):
+                async with open_client([addresses[i]], timeout=timeout) as client:
+                    states[i] = (await client.ping(addresses[i])).state
+        except (PeerUnavailable, QkvError, trio.TooSlowError, OSError):
+            states[i] = "unreachable"
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(addresses)):
+            nursery.start_soon(ask, i)
+    return states
+
+
+class ProcCluster:
+    """``size`` ``qkv serve`` processes on loopback (nodes are 0-based
+    indices; their ids are ``n1..nN``).
+
+    Ports are picked when the object is made (pick them right before
+    starting); data dirs are ``root/<id>/data``, logs ``root/<id>.log``
+    (appended to across restarts). ``extra_args`` go to every ``serve``.
+    """
+
+    def __init__(self, root: Path, size: int = 3, *, extra_args: Sequence[str] = (),
+                 ports: Sequence[int] | None = None) -> None:
+        self.root = Path(root)
+        self.size = size
+        self.ids = [f"n{i + 1}" for i in range(size)]
+        self.ports = list(ports) if ports is not None else free_ports(size)
+        if len(self.ports) != size:
+            raise ValueError("one port per node")
+        self.extra_args = list(extra_args)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- layout ---
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [Address(LOOPBACK, p) for p in self.ports]
+
+    def address(self, i: int) -> str:
+        return str(self.addresses[i])
+
+    @property
+    def nodes_arg(self) -> str:
+        """The ``--nodes`` value naming every node."""
+        return ",".join(str(a) for a in self.addresses)
+
+    def data_dir(self, i: int) -> Path:
+        return self.root / self.ids[i] / "data"
+
+    def log_path(self, i: int) -> Path:
+        return self.root / f"{self.ids[i]}.log"
+
+    def log(self, i: int) -> str:
+        path = self.log_path(i)
+        return path.read_text("utf-8", "replace") if path.exists() else ""
+
+    def logs_tail(self, lines: int = 15) -> str:
+        out = []
+        for i in range(self.size):
+            tail = self.log(i).splitlines()[-lines:]
+            out.append(f"--- {self.ids[i]} ({self.log_path(i)}) ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def serve_args(self, i: int) -> list[str]:
+        args = [str(QKV), "serve", "--id", self.ids[i], "--listen", self.address(i)]
+        for j in range(self.size):
+            if j != i:
+                args += ["--peer", f"{self.ids[j]}={self.address(j)}"]
+        return [*args, "--data-dir", str(self.data_dir(i)), *self.extra_args]
+
+    # --- processes ---
+
+    def proc(self, i: int) -> subprocess.Popen[bytes]:
+        proc = self.procs[i]
+        if proc is None:
+            raise RuntimeError(f"{self.ids[i]} was never started")
+        return proc
+
+    def pid(self, i: int) -> int:
+        return self.proc(i).pid
+
+    def running(self, i: int) -> bool:
+        proc = self.procs[i]
+        return proc is not None and proc.poll() is None
+
+    def start(self, i: int) -> subprocess.Popen[bytes]:
+        if self.running(i):
+            raise RuntimeError(f"{self.ids[i]} is already running")
+        with self.log_path(i).open("ab") as log:
+            log.write(f"=== test harness: starting {self.ids[i]} ===\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                self.serve_args(i),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=qkv_env(),
+                # own process group: a Ctrl-C meant for pytest does not reach
+                # the nodes; the harness stops them itself
+                start_new_session=True,
+            )
+        self.procs[i] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for i in range(self.size):
+            self.start(i)
+
+    def kill9(self, i: int) -> int:
+        """SIGKILL node ``i`` and reap it; returns its (negative) status."""
+        proc = self.proc(i)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        return proc.wait(timeout=30)
+
+    def kill9_all(self) -> None:
+        """SIGKILL every running node at once (all signals first, then reap)."""
+        running = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for proc in running:
+            proc.wait(timeout=30)
+
+    def signal(self, i: int, sig: int = signal.SIGTERM) -> None:
+        self.proc(i).send_signal(sig)
+
+    def terminate(self, i: int, *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig`` (SIGTERM) and wait for the exit status. If the node
+        has not exited within ``timeout`` seconds it is killed and
+        ``AssertionError`` raised."""
+        proc = self.proc(i)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return self.wait_exit(i, timeout=timeout)
+
+    def wait_exit(self, i: int, *, timeout: float = 10.0) -> int:
+        proc = self.proc(i)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(
+                f"{self.ids[i]} did not exit within {timeout} s\n{self.logs_tail()}"
+            ) from None
+
+    async def terminate_async(self, i: int, *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """``terminate`` without blocking the trio loop."""
+        proc = self.proc(i)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        with trio.move_on_after(timeout):
+            while proc.poll() is None:
+                await trio.sleep(0.02)
+            return proc.returncode
+        proc.kill()
+        proc.wait(timeout=30)
+        raise AssertionError(f"{self.ids[i]} did not exit within {timeout} s\n{self.logs_tail()}")
+
+    def restart(self, i: int) -> subprocess.Popen[bytes]:
+        """Stop node ``i`` if running (SIGTERM, then SIGKILL), start it again
+        on its own data dir."""
+        proc = self.procs[i]
+        if proc is not None:
+            stop_process(proc)
+        self.procs[i] = None
+        return self.start(i)
+
+    def close(self) -> None:
+        """Stop every process: SIGTERM to all, up to ``STOP_GRACE`` seconds,
+        then SIGKILL; all reaped."""
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for proc in self.procs:
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    if proc.poll() is None:
+                        proc.kill()
+                proc.wait(timeout=30)
+
+    def __enter__(self) -> ProcCluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- readiness ---
+
+    async def wait_serving_async(self, timeout: float = 20.0, nodes: Iterable[int] | None = None) -> None:
+        """Wait until every node in ``nodes`` (default: all) answers a ping
+        with state ``serving``; ``AssertionError`` with the logs if not in
+        ``timeout`` seconds or if one of them exits."""
+        chosen = list(range(self.size) if nodes is None else nodes)
+        states: list[str] = []
+        with trio.move_on_after(timeout):
+            while True:
+                for i in chosen:
+                    proc = self.procs[i]
+                    if proc is None or proc.poll() is not None:
+                        code = None if proc is None else proc.returncode
+                        raise AssertionError(
+                            f"{self.ids[i]} is not running (exit status {code})\n{self.logs_tail()}")
+                states = await ping_states([self.addresses[i] for i in chosen])
+                if all(s == "serving" for s in states):
+                    return
+                await trio.sleep(0.05)
+        raise AssertionError(
+            f"nodes {[self.ids[i] for i in chosen]} not serving after {timeout} s (states {states})\n"
+            + self.logs_tail()
+        )
+
+    def wait_serving(self, timeout: float = 20.0, nodes: Iterable[int] | None = None) -> None:
+        """``wait_serving_async`` from synchronous code (not inside trio)."""
+        trio.run(self.wait_serving_async, timeout, nodes)
+
+
+@contextlib.contextmanager
+def started_cluster(root: Path, size: int = 3, *, extra_args: Sequence[str] = (),
+                    timeout: float = 20.0) -> Iterator[ProcCluster]:
+    """A ``ProcCluster`` started and serving (sync code only); always stopped."""
+    with ProcCluster(root, size, extra_args=extra_args) as cluster:
+        cluster.start_all()
+        cluster.wait_serving(timeout)
+        yield cluster
