@@ -96,8 +96,23 @@ def _structure_tag(raw: Any, _: type) -> Tag:
     raise ValueError(f"a tag is [counter, writer], not {raw!r}")
 
 
+def _exactly(kind: type[T]) -> Callable[[Any, type], T]:
+    """A structure hook that takes a value only if it already has the type:
+    cattrs would otherwise convert (``bytes(5)`` is five zero bytes, and
+    ``bytes(2**34)`` is 16 GiB)."""
+
+    def structure(raw: Any, _: type) -> T:
+        if type(raw) is not kind:
+            raise ValueError(f"expected {kind.__name__}, not {type(raw).__name__}")
+        return raw  # type: ignore[no-any-return]
+
+    return structure
+
+
 def _make_converter() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=False)
+    for kind in (bytes, int, str, bool):
+        conv.register_structure_hook(kind, _exactly(kind))
     conv.register_unstructure_hook(Tag, lambda t: [t.counter, t.writer])
     conv.register_structure_hook(Tag, _structure_tag)
     configure_tagged_union(

@@ -52,6 +52,7 @@ class FrameDecoder:
         self._max = max_frame
         self._buf = bytearray()
         self._pos = 0
+        self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
@@ -82,8 +83,19 @@ class FrameDecoder:
         return body
 
     def frames(self) -> list[bytes]:
-        """Every whole body buffered so far."""
+        """Every whole body buffered so far.
+
+        A framing error after some good frames is held back until those are
+        returned, so that the requests before the bad frame are answered.
+        """
+        if self._error is not None:
+            raise self._error
         out: list[bytes] = []
-        while (body := self.next_frame()) is not None:
-            out.append(body)
+        try:
+            while (body := self.next_frame()) is not None:
+                out.append(body)
+        except FrameError as exc:
+            if not out:
+                raise
+            self._error = exc
         return out

@@ -154,3 +154,13 @@ def test_buffer_stays_bounded(items: list[bytes], chunk_size: int, rounds: int) 
         assert decoder.buffered < one_frame
         assert len(decoder._buf) <= 2 * one_frame + chunk_size
     assert got == items * rounds
+
+
+def test_frames_before_a_bad_header_are_returned_first() -> None:
+    """A read that brings a good frame and then a bad header must still
+    hand out the good frame (its request gets answered) before failing."""
+    decoder = FrameDecoder(max_frame=100)
+    decoder.feed(encode_frame(b"good") + b"\x00\x00\x00\x00")
+    assert decoder.frames() == [b"good"]
+    with pytest.raises(EmptyFrame):
+        decoder.frames()

@@ -1,0 +1,207 @@
+"""One client operation as a state machine, with no I/O (the ABD protocol).
+
+An ``Operation`` is fed the outcome of each node for its current phase and
+answers with what to do next; a driver carries that out. The trio
+coordinator (``quorum.coordinator``) drives operations over real peer links;
+the deterministic simulation in the tests drives the same class over a
+simulated network, so the protocol that is proven is the protocol that runs.
+
+    op = Operation.get(key, nodes)             # or .set / .delete
+    step = op.start()                          # Send(Query)
+    step = op.receive(node, reply_or_None)     # Pending, Send, IssueTag, Done, Failed
+    step = op.tag_issued(tag)                  # after IssueTag: Send(Store)
+
+The rules (see ``quorum.decide`` for the decisions themselves):
+
+- get: query a majority; if fewer than a majority hold the newest tag, store
+  it on a majority (write-back) before answering.
+- set/delete: query a majority for the key's tag and the request id; if some
+  node recorded the rid, finish that write with its tag; otherwise take a new
+  tag (the driver issues it: above every tag seen and every tag this node
+  issued); store on a majority; answer the tag.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeAlias
+
+import attrs
+
+from quorum.decide import Decision, Vote, majority, read_outcome
+from register.model import Key, NodeId, Tag, Versioned
+
+__all__ = [
+    "Done",
+    "Failed",
+    "IssueTag",
+    "Operation",
+    "Pending",
+    "QueryResult",
+    "SendQuery",
+    "SendStore",
+    "Step",
+]
+
+#: what one node answers to a query: its version of the key (None: never
+#: written) and the tag it recorded for the request id (None: unknown rid)
+QueryResult: TypeAlias = tuple[Versioned | None, Tag | None]
+
+
+@attrs.frozen
+class SendQuery:
+    key: Key
+    rid: bytes | None
+
+
+@attrs.frozen
+class SendStore:
+    key: Key
+    version: Versioned
+    rid: bytes | None
+
+
+@attrs.frozen
+class IssueTag:
+    """The driver must issue a new tag above ``seen`` (and above every tag
+    this node issued), then call ``tag_issued``."""
+
+    seen: Tag
+
+
+@attrs.frozen
+class Pending:
+    pass
+
+
+@attrs.frozen
+class Done:
+    #: for a get, the version read (None: never written); for a write, its tag
+    result: Versioned | Tag | None
+    #: a get that had to write back before answering
+    wrote_back: bool = False
+
+
+@attrs.frozen
+class Failed:
+    reason: str
+
+
+Step: TypeAlias = SendQuery | SendStore | IssueTag | Pending | Done | Failed
+PENDING = Pending()
+
+
+class Kind(enum.Enum):
+    GET = "get"
+    SET = "set"
+    DELETE = "delete"
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    QUERY = "query"
+    TAG = "tag"
+    STORE = "store"
+    OVER = "over"
+
+
+@attrs.define
+class Operation:
+    kind: Kind
+    key: Key
+    nodes: frozenset[NodeId]
+    value: bytes | None = None
+    rid: bytes | None = None
+    #: acknowledgements a write needs; None is a majority (only the
+    #: test-only fault switches change it)
+    write_quorum: int | None = None
+    #: skip the read write-back (test-only fault switch)
+    skip_write_back: bool = False
+    phase: Phase = Phase.NEW
+    _queries: Vote[QueryResult] | None = None
+    _stores: Vote[bool] | None = None
+    _store: SendStore | None = None
+    _read: Versioned | None = None
+
+    @classmethod
+    def get(cls, key: Key, nodes: frozenset[NodeId], **switches: object) -> Operation:
+        return cls(Kind.GET, key, nodes, **switches)  # type: ignore[arg-type]
+
+    @classmethod
+    def set(cls, key: Key, value: bytes, nodes: frozenset[NodeId], rid: bytes | None = None,
+            **switches: object) -> Operation:
+        return cls(Kind.SET, key, nodes, value, rid, **switches)  # type: ignore[arg-type]
+
+    @classmethod
+    def delete(cls, key: Key, nodes: frozenset[NodeId], rid: bytes | None = None,
+               **switches: object) -> Operation:
+        return cls(Kind.DELETE, key, nodes, None, rid, **switches)  # type: ignore[arg-type]
+
+    def start(self) -> Step:
+        assert self.phase is Phase.NEW
+        self.phase = Phase.QUERY
+        self._queries = Vote(self.nodes)
+        return SendQuery(self.key, self.rid)
+
+    def receive(self, node: NodeId, reply: QueryResult | bool | None) -> Step:
+        """The outcome of ``node`` for the current phase: its reply, or
+        ``None`` if it failed (unreachable, refused, link broken)."""
+        if self.phase is Phase.QUERY:
+            assert self._queries is not None
+            if reply is None:
+                decision = self._queries.fail(node)
+            else:
+                assert isinstance(reply, tuple)
+                decision = self._queries.reply(node, reply)
+            return self._after_query() if decision is not Decision.PENDING else PENDING
+        if self.phase is Phase.STORE:
+            assert self._stores is not None
+            decision = self._stores.fail(node) if not reply else self._stores.reply(node, True)
+            return self._after_store() if decision is not Decision.PENDING else PENDING
+        return PENDING  # a straggler of a finished phase
+
+    def tag_issued(self, tag: Tag) -> Step:
+        assert self.phase is Phase.TAG
+        return self._store_phase(SendStore(self.key, Versioned(tag, self.value), self.rid))
+
+    def _after_query(self) -> Step:
+        votes = self._queries
+        assert votes is not None
+        if votes.decision is Decision.LOST:
+            return self._fail(votes)
+        replies = list(votes.replies.values())
+        if self.kind is Kind.GET:
+            outcome = read_outcome((v for v, _ in replies), majority(len(self.nodes)))
+            self._read = outcome.winner
+            if outcome.winner is None or not outcome.write_back or self.skip_write_back:
+                self.phase = Phase.OVER
+                return Done(outcome.winner)
+            return self._store_phase(SendStore(self.key, outcome.winner, None))
+        recorded = [rid_tag for _, rid_tag in replies if rid_tag is not None]
+        if recorded:
+            # A retry of a write some node already stored: finish that one.
+            return self._store_phase(SendStore(self.key, Versioned(max(recorded), self.value), self.rid))
+        self.phase = Phase.TAG
+        return IssueTag(max((v.tag for v, _ in replies if v is not None), default=Tag.zero()))
+
+    def _store_phase(self, store: SendStore) -> Step:
+        self.phase = Phase.STORE
+        quorum = self.write_quorum if self.kind is not Kind.GET else None
+        self._stores = Vote(self.nodes, quorum=quorum)
+        self._store = store
+        return store
+
+    def _after_store(self) -> Step:
+        votes = self._stores
+        assert votes is not None and self._store is not None
+        if votes.decision is Decision.LOST:
+            return self._fail(votes)
+        self.phase = Phase.OVER
+        if self.kind is Kind.GET:
+            return Done(self._read, wrote_back=True)
+        return Done(self._store.version.tag)
+
+    def _fail(self, votes: Vote[QueryResult] | Vote[bool]) -> Failed:
+        self.phase = Phase.OVER
+        return Failed(f"{len(votes.failures)} of {len(self.nodes)} nodes failed; "
+                      f"a majority ({votes.needed}) is needed")
