@@ -25,10 +25,20 @@ doubly linked list sorted by time; scanning from the front, any call seen
 before the first return may be linearized next (that is, only ops called
 before the earliest pending return are candidates).  Linearizing an op lifts
 its two events out of the list; reaching a return event whose op is still
-pending means the current prefix is wrong, so backtrack.  A set of visited
+pending means the current prefix is wrong, so backtrack.  A memo of
 ``(resolved-ops bitset, state)`` pairs prunes configurations already known to
 fail.  An optional op whose return event is reached may instead be "skipped"
 (resolved without taking effect).  The search is iterative.
+
+Three refinements, each exact (they never change the answer), keep it fast
+with many clients and many unknown writes:
+
+* a pending get that the current state satisfies is linearized at once, with
+  no alternatives tried;
+* an optional write is only applied just before a get that reads its value;
+* a config with fewer optional ops resolved dominates one with more, so the
+  memo also prunes configs dominated by one that failed, and optional ops are
+  tried after required ones.
 
 Failure windows
 ---------------
@@ -42,8 +52,12 @@ and when ``i > 0`` the initial state is unknown: it may be ``None`` or any
 value written to the key anywhere in the history.  Each of those choices only
 makes the slice easier to linearize than it is inside the full history, so a
 failing slice is a genuine witness that the whole history is not
-linearizable.  The window is the shortest failing prefix, then the latest
-start at which its suffix still fails (both by binary search).
+linearizable.
+
+To find the window cheaply, the full search reports its frontier (the longest
+prefix it managed to linearize); a window around it is doubled until it fails
+on its own, then its end is moved as early and its start as late as possible
+while it still fails (binary searches, repeated until neither moves).
 """
 
 from __future__ import annotations
@@ -232,10 +246,6 @@ def _search(
     values = [op.value for op in ops]
     # What each write leaves behind; None for gets, which leave the state.
     effects = [op.value if op.kind == "set" else None for op in ops]
-    unread: dict[State, int] = {}
-    for op in ops:
-        if op.kind == "get":
-            unread[op.value] = unread.get(op.value, 0) + 1
 
     # Calls sort before returns at equal times: touching intervals overlap.
     events = sorted(
@@ -276,69 +286,104 @@ def _search(
         nxt[prv[c]] = c
         prv[nxt[c]] = c
 
+    # Lowe's memo, strengthened: a config with fewer optional ops resolved
+    # can do anything one with more resolved can (it may still skip them),
+    # so a failed config also refutes every config it dominates this way.
+    # Keyed by (required and state part); values are optional-op bitsets.
+    optional_mask = sum(1 << k for k, o in enumerate(optional) if o)
+    failed: dict[tuple[int, _SearchState], list[int]] = {}
+
+    def refuted(resolved: int, state: _SearchState) -> bool:
+        masks = failed.get((resolved & ~optional_mask, state))
+        if masks is None:
+            return False
+        extra = ~(resolved & optional_mask)
+        return any(not m & extra for m in masks)
+
+    # Values read by the candidate gets of the current config, and the first
+    # pending return; computed on demand, once per config.
+    candidate_reads: tuple[set[State], int] | None = None
+
+    def observable(c: int) -> bool:
+        # Applying optional write c now is worth trying only if a get could
+        # be linearized right after it and read what it wrote: otherwise, in
+        # any completion, c is either overwritten before being read (so can
+        # be left out) or can be applied later, just before such a get.
+        nonlocal candidate_reads
+        effect = effects[op_of[c]]
+        own_return = match[c]
+        if candidate_reads is None:
+            reads: set[State] = set()
+            scan = nxt[0]
+            while is_call[scan]:
+                if kinds[op_of[scan]] == _GET:
+                    reads.add(values[op_of[scan]])
+                scan = nxt[scan]
+            candidate_reads = (reads, scan)
+        if own_return != candidate_reads[1]:
+            return effect in candidate_reads[0]
+        # Resolving c also unblocks the calls up to the next return.
+        scan = nxt[0]
+        while scan != -1 and (is_call[scan] or scan == own_return):
+            if is_call[scan] and kinds[op_of[scan]] == _GET and values[op_of[scan]] == effect:
+                return True
+            scan = nxt[scan]
+        return False
+
     state = initial
     resolved = 0
     linearized_required = 0
     frontier = 0
-    seen: set[tuple[int, _SearchState]] = set()
-    # (call node, state before, how the op was resolved)
-    stack: list[tuple[int, _SearchState, int]] = []
-    node = nxt[0]
+    # (call node, state before, how the op was resolved, scan pass)
+    stack: list[tuple[int, _SearchState, int, bool]] = []
+    # Candidates are scanned in two passes: required ops first, then
+    # optional ones, so that leaving optional writes out is explored first
+    # and the memo can then cut off most of the branches that apply them.
+    node, second_pass = -1, False
     fresh = True
     while True:
         if fresh:
             fresh = False
-            node = nxt[0]
-            head = node
+            candidate_reads = None
+            head = nxt[0]
             while head != -1 and is_call[head] and optional[op_of[head]]:
                 head = nxt[head]
             frontier = max(frontier, op_of[head] if head != -1 and is_call[head] else len(ops))
+            node, second_pass = nxt[0], False
             # A candidate get that the current state satisfies can go first
             # in some valid completion if any exists (gets leave the state
             # alone, and nothing pending had to precede it), so take it with
             # no alternatives.  Not so from WILD, where a get fixes the state.
-            forced = -1
             if state is not _Wild.WILD:
                 scan = node
-                while is_call[scan]:
-                    if kinds[op_of[scan]] == _GET and values[op_of[scan]] == state:
-                        forced = scan
-                        break
+                while is_call[scan] and not (kinds[op_of[scan]] == _GET and values[op_of[scan]] == state):
                     scan = nxt[scan]
-            if forced != -1:
-                k = op_of[forced]
-                config = (resolved | (1 << k), state)
-                if config in seen:
-                    node = -1  # that completion already failed: backtrack
-                else:
-                    seen.add(config)
-                    stack.append((forced, state, _FORCED))
-                    resolved |= 1 << k
-                    unread[values[k]] -= 1
-                    linearized_required += 1
-                    if linearized_required == required:
-                        return True, len(ops)
-                    lift(forced)
-                    fresh = True
-                    continue
+                if is_call[scan]:
+                    k = op_of[scan]
+                    if refuted(resolved | (1 << k), state):
+                        node = -1
+                    else:
+                        stack.append((scan, state, _FORCED, False))
+                        resolved |= 1 << k
+                        linearized_required += 1
+                        if linearized_required == required:
+                            return True, len(ops)
+                        lift(scan)
+                        fresh = True
+                        continue
+
         if node != -1:
             k = op_of[node]
             if is_call[node]:
-                if kinds[k] != _GET:
-                    new: _SearchState = effects[k]
-                    # Applying an optional write only helps if some get could
-                    # still observe it; otherwise leaving it out does as well.
-                    legal = not optional[k] or unread.get(effects[k], 0) > 0
-                else:
-                    new = values[k]
-                    legal = (new is None or new in written) if state is _Wild.WILD else state == new
-                if legal:
-                    config = (resolved | (1 << k), new)
-                    if config not in seen:
-                        seen.add(config)
-                        stack.append((node, state, _LINEARIZED))
-                        if kinds[k] == _GET:
-                            unread[values[k]] -= 1
+                if optional[k] == second_pass:
+                    if kinds[k] != _GET:
+                        new: _SearchState = effects[k]
+                        legal = not optional[k] or observable(node)
+                    else:
+                        new = values[k]
+                        legal = (new is None or new in written) if state is _Wild.WILD else state == new
+                    if legal and not refuted(resolved | (1 << k), new):
+                        stack.append((node, state, _LINEARIZED, second_pass))
                         state = new
                         resolved |= 1 << k
                         if not optional[k]:
@@ -350,28 +395,29 @@ def _search(
                         continue
                 node = nxt[node]
                 continue
+            if not second_pass:
+                node, second_pass = nxt[0], True
+                continue
+            if optional[k] and not refuted(resolved | (1 << k), state):
+                stack.append((match[node], state, _SKIPPED, True))
+                resolved |= 1 << k
+                lift(match[node])
+                fresh = True
+                continue
 
-            if optional[k]:
-                config = (resolved | (1 << k), state)
-                if config not in seen:
-                    seen.add(config)
-                    stack.append((match[node], state, _SKIPPED))
-                    resolved |= 1 << k
-                    lift(match[node])
-                    fresh = True
-                    continue
-        # A pending op must have taken effect before this return: undo the
-        # latest choice and try the next candidate after it.  Forced gets and
-        # skips had no alternatives, so keep unwinding past them.
+        # A pending op must have taken effect before this return, so the
+        # current config is dead: undo the latest choice and try the next
+        # candidate after it.  Forced gets and skips had no alternatives, so
+        # keep unwinding past them.
         while True:
             if not stack:
                 return False, frontier
-            c, state, how = stack.pop()
+            failed.setdefault((resolved & ~optional_mask, state), []).append(resolved & optional_mask)
+            c, state, how, second_pass = stack.pop()
+            candidate_reads = None
             k = op_of[c]
             resolved ^= 1 << k
             unlift(c)
-            if kinds[k] == _GET:
-                unread[values[k]] += 1
             if how != _SKIPPED and not optional[k]:
                 linearized_required -= 1
             if how == _LINEARIZED:

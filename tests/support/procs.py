@@ -150,8 +150,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM,
-                 grace: float = STOP_GRACE) -> int:
+def stop_process(
+    proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace: float = STOP_GRACE
+) -> int:
     """Send ``sig``, wait up to ``grace`` seconds, then SIGKILL; always reaps.
     Returns the exit status (negative: killed by that signal)."""
     if proc.poll() is None:
@@ -192,8 +193,9 @@ class ProcCluster:
     (appended to across restarts). ``extra_args`` go to every ``serve``.
     """
 
-    def __init__(self, root: Path, size: int = 3, *, extra_args: Sequence[str] = (),
-                 ports: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, root: Path, size: int = 3, *, extra_args: Sequence[str] = (), ports: Sequence[int] | None = None
+    ) -> None:
         self.root = Path(root)
         self.size = size
         self.ids = [f"n{i + 1}" for i in range(size)]
@@ -365,8 +367,9 @@ class ProcCluster:
     def __enter__(self) -> ProcCluster:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # --- readiness ---
@@ -384,7 +387,8 @@ class ProcCluster:
                     if proc is None or proc.poll() is not None:
                         code = None if proc is None else proc.returncode
                         raise AssertionError(
-                            f"{self.ids[i]} is not running (exit status {code})\n{self.logs_tail()}")
+                            f"{self.ids[i]} is not running (exit status {code})\n{self.logs_tail()}"
+                        )
                 states = await ping_states([self.addresses[i] for i in chosen])
                 if all(s == "serving" for s in states):
                     return
@@ -400,8 +404,9 @@ class ProcCluster:
 
 
 @contextlib.contextmanager
-def started_cluster(root: Path, size: int = 3, *, extra_args: Sequence[str] = (),
-                    timeout: float = 20.0) -> Iterator[ProcCluster]:
+def started_cluster(
+    root: Path, size: int = 3, *, extra_args: Sequence[str] = (), timeout: float = 20.0
+) -> Iterator[ProcCluster]:
     """A ``ProcCluster`` started and serving (sync code only); always stopped."""
     with ProcCluster(root, size, extra_args=extra_args) as cluster:
         cluster.start_all()
