@@ -58,6 +58,8 @@ class NodeConfig:
     peers: dict[NodeId, Address] = attrs.field(factory=dict)
     #: None: keep everything in memory (tests, benchmarks of the protocol)
     data_dir: Path | None = None
+    #: where to serve the Redis protocol (RESP) too; None: not at all
+    resp_listen: Address | None = None
     max_frame: int = 2 * 1024 * 1024
     max_value: int = 1024 * 1024
     request_timeout: float = 2.0
@@ -102,6 +104,7 @@ class Node:
         page_bytes = max(64 * 1024, min(512 * 1024, config.max_frame // 4))
         self.peer_service = PeerService(self.replica, self.switches, SyncSessions(page_bytes))
         self.address = config.listen
+        self.resp_address: Address | None = None
         self.draining = False
         self.requests_in_flight = 0
         self._idle = trio.Event()
@@ -179,6 +182,13 @@ class Node:
                     for link in self.links.values():
                         nursery.start_soon(link.run)
                     await nursery.start(serve, listeners, self, self.config.server_limits)
+                    if self.config.resp_listen is not None:
+                        from net.resp import serve_resp
+
+                        resp = self.config.resp_listen
+                        resp_listeners = await trio.open_tcp_listeners(resp.port, host=resp.host)
+                        self.resp_address = Address(resp.host, resp_listeners[0].socket.getsockname()[1])
+                        await nursery.start(serve_resp, resp_listeners, self, self.config.server_limits)
                     nursery.start_soon(catch_up, self.replica, self.links)
                     log.info("node %s listening on %s, cluster of %d", self.id, self.address,
                              self.config.cluster_size)
