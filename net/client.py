@@ -124,8 +124,13 @@ class Connection:
                 slot.append(exc.body)
                 arrived.set()
             self._fail(exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, FrameError,
-                MalformedMessage) as exc:
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            FrameError,
+            MalformedMessage,
+        ) as exc:
             self._fail(exc)
         finally:
             self._fail(trio.ClosedResourceError("connection closed"))
@@ -210,7 +215,9 @@ class Client:
                 errors.append(f"{address}: {exc.code}: {exc.message}")
                 continue
             except (PeerUnavailable, trio.TooSlowError) as exc:
-                errors.append(str(exc) if isinstance(exc, PeerUnavailable) else f"{address}: no answer in time")
+                errors.append(
+                    str(exc) if isinstance(exc, PeerUnavailable) else f"{address}: no answer in time"
+                )
                 self._disconnect(address)
                 continue
             self._preferred = index
@@ -262,7 +269,11 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(nodes: Sequence[Address], *, timeout: float = 5.0) -> AsyncIterator[Client]:
+async def open_client(
+    nodes: Sequence[Address],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a limit per attempt, not a deadline of this call
+) -> AsyncIterator[Client]:
     """A fail-over client; ``timeout`` bounds each attempt on one node."""
     async with open_service_nursery() as nursery:
         client = Client(nodes, nursery, timeout=timeout)
@@ -270,4 +281,3 @@ async def open_client(nodes: Sequence[Address], *, timeout: float = 5.0) -> Asyn
             yield client
         finally:
             nursery.cancel_scope.cancel()
-

@@ -17,7 +17,7 @@ say exactly what was wrong.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import attrs
 import cattrs
@@ -136,7 +136,11 @@ _PEER_TAGS: Final[dict[type, str]] = {
 _REPLY_OPS: Final[dict[type, str]] = {PingReply: "ping", GetReply: "get", WriteReply: "write"}
 
 _converter: Final = _make_converter()
-_packb: Final = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_packer: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def _packb(value: Any) -> bytes:
+    return cast(bytes, _packer.pack(value))
 
 
 def _unpack(body: bytes) -> Any:
@@ -274,12 +278,13 @@ def encode_peer(message: PeerMessage) -> bytes:
 
 def peer_frame_overhead(count: int) -> int:
     """Bytes added by ``peer_frame_body`` around ``count`` messages."""
-    return len(msgpack.Packer().pack_array_header(count))
+    return len(cast(bytes, msgpack.Packer().pack_array_header(count)))
 
 
 def peer_frame_body(encoded: Sequence[bytes]) -> bytes:
     """A peer frame body: a MessagePack array of already-packed messages."""
-    return msgpack.Packer().pack_array_header(len(encoded)) + b"".join(encoded)
+    header = cast(bytes, msgpack.Packer().pack_array_header(len(encoded)))
+    return header + b"".join(encoded)
 
 
 def decode_peer_frame(body: bytes) -> list[PeerMessage]:

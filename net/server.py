@@ -151,17 +151,28 @@ async def _session(
         first = None  # answered in order by the client session below
     if isinstance(first, PeerHello):
         if not handler.is_peer(first.node):
-            await _send_final(stream, limits, ErrorReply(
-                id=first.id, error="bad_request", message=f"{first.node!r} is not a member of this cluster"))
+            await _send_final(
+                stream,
+                limits,
+                ErrorReply(
+                    id=first.id,
+                    error="bad_request",
+                    message=f"{first.node!r} is not a member of this cluster",
+                ),
+            )
             return
         leave_client_cap()
         outbox = Outbox(stream, max_frame=limits.max_frame, batch=True, send_timeout=limits.write_timeout)
         reader.unread(bodies[1:])
         await handler.serve_peer(first, reader, outbox)
         return
-    await _client_session(reader, Outbox(stream, max_frame=limits.max_frame, batch=False,
-                                         send_timeout=limits.write_timeout),
-                          bodies, handler, limits)
+    await _client_session(
+        reader,
+        Outbox(stream, max_frame=limits.max_frame, batch=False, send_timeout=limits.write_timeout),
+        bodies,
+        handler,
+        limits,
+    )
 
 
 def _frame_error_reply(exc: FrameError) -> ErrorReply:
@@ -204,9 +215,15 @@ async def _client_session(
                             break
                         continue
                     if isinstance(request, PeerHello):
-                        outbox.put(encode_reply(ErrorReply(
-                            id=request.id, error="bad_request",
-                            message="peer_hello must be the first frame of a connection")))
+                        outbox.put(
+                            encode_reply(
+                                ErrorReply(
+                                    id=request.id,
+                                    error="bad_request",
+                                    message="peer_hello must be the first frame of a connection",
+                                )
+                            )
+                        )
                         continue
                     await inflight.acquire()
                     handlers.start_soon(answer, request)

@@ -60,7 +60,8 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
     log.warning(
         "node %s is recovering: its data dir has not caught up yet (new or lost); "
         "copying the state of %d of its peers before answering queries",
-        replica.node_id, needed,
+        replica.node_id,
+        needed,
     )
     copied: set[NodeId] = set()
     fresh: set[NodeId] = set()
@@ -100,8 +101,11 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
         # practice (it would take 2**32 lost unacknowledged writes).
         replica.raise_floor(highest_counter(replica.state) + LOST_COUNTER_MARGIN)
     await replica.mark_ready()
-    log.warning("node %s caught up from %s and is serving", replica.node_id,
-                ", ".join(sorted(copied)) or "a fresh cluster")
+    log.warning(
+        "node %s caught up from %s and is serving",
+        replica.node_id,
+        ", ".join(sorted(copied)) or "a fresh cluster",
+    )
 
 
 class _PageFailed(Exception):

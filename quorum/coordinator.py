@@ -121,7 +121,9 @@ class Coordinator:
                 link.forget(req)
         return outcome[0]
 
-    def _local(self, send: SendQuery | SendStore, deliver: Callable[[NodeId, QueryResult | bool | None], None]) -> None:
+    def _local(
+        self, send: SendQuery | SendStore, deliver: Callable[[NodeId, QueryResult | bool | None], None]
+    ) -> None:
         """This node's own replica takes part in every phase."""
         replica = self.replica
         if isinstance(send, SendQuery):
@@ -143,5 +145,3 @@ def _peer_result(reply: PeerResponse | None) -> QueryResult | bool | None:
     if isinstance(reply, StoreAck):
         return True
     return None
-
-

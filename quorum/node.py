@@ -96,8 +96,13 @@ class Node:
         self.switches = switches if switches is not None else FaultSwitches()
         self.replica = Replica(config.node_id, store)
         self.links = {
-            peer: PeerLink(config.node_id, peer, address, max_frame=config.max_frame,
-                           send_timeout=config.request_timeout * 5)
+            peer: PeerLink(
+                config.node_id,
+                peer,
+                address,
+                max_frame=config.max_frame,
+                send_timeout=config.request_timeout * 5,
+            )
             for peer, address in config.peers.items()
         }
         self.coordinator = Coordinator(self.replica, self.links, self.switches)
@@ -126,16 +131,22 @@ class Node:
         if self.draining:
             return error_reply(ShuttingDown("node is shutting down", request_id=request.id))
         if not (self.replica.ready or self.switches.serve_before_catch_up):
-            return error_reply(Unavailable(
-                f"node {self.id} is recovering (catching up after a new or lost data dir)",
-                request_id=request.id))
+            return error_reply(
+                Unavailable(
+                    f"node {self.id} is recovering (catching up after a new or lost data dir)",
+                    request_id=request.id,
+                )
+            )
         self.requests_in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
             with trio.move_on_after(self.config.request_timeout):
                 return await self._execute(request)
-            return error_reply(Unavailable(
-                f"no majority answered within {self.config.request_timeout:g} s", request_id=request.id))
+            return error_reply(
+                Unavailable(
+                    f"no majority answered within {self.config.request_timeout:g} s", request_id=request.id
+                )
+            )
         except QkvError as exc:
             exc.request_id = request.id
             return error_reply(exc)
@@ -190,8 +201,12 @@ class Node:
                         self.resp_address = Address(resp.host, resp_listeners[0].socket.getsockname()[1])
                         await nursery.start(serve_resp, resp_listeners, self, self.config.server_limits)
                     nursery.start_soon(catch_up, self.replica, self.links)
-                    log.info("node %s listening on %s, cluster of %d", self.id, self.address,
-                             self.config.cluster_size)
+                    log.info(
+                        "node %s listening on %s, cluster of %d",
+                        self.id,
+                        self.address,
+                        self.config.cluster_size,
+                    )
                     task_status.started()
             finally:
                 with trio.CancelScope(shield=True):

@@ -128,13 +128,15 @@ class Operation:
         return cls(Kind.GET, key, nodes, **switches)  # type: ignore[arg-type]
 
     @classmethod
-    def set(cls, key: Key, value: bytes, nodes: frozenset[NodeId], rid: bytes | None = None,
-            **switches: object) -> Operation:
+    def set(
+        cls, key: Key, value: bytes, nodes: frozenset[NodeId], rid: bytes | None = None, **switches: object
+    ) -> Operation:
         return cls(Kind.SET, key, nodes, value, rid, **switches)  # type: ignore[arg-type]
 
     @classmethod
-    def delete(cls, key: Key, nodes: frozenset[NodeId], rid: bytes | None = None,
-               **switches: object) -> Operation:
+    def delete(
+        cls, key: Key, nodes: frozenset[NodeId], rid: bytes | None = None, **switches: object
+    ) -> Operation:
         return cls(Kind.DELETE, key, nodes, None, rid, **switches)  # type: ignore[arg-type]
 
     def start(self) -> Step:
@@ -203,5 +205,6 @@ class Operation:
 
     def _fail(self, votes: Vote[QueryResult] | Vote[bool]) -> Failed:
         self.phase = Phase.OVER
-        return Failed(f"{len(votes.failures)} of {len(self.nodes)} nodes failed; "
-                      f"a majority ({votes.needed}) is needed")
+        return Failed(
+            f"{len(votes.failures)} of {len(self.nodes)} nodes failed; a majority ({votes.needed}) is needed"
+        )

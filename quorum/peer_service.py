@@ -67,17 +67,20 @@ class SyncSessions:
         self._page_bytes = page_bytes
         self._sessions: dict[tuple[NodeId, int], _Snapshot] = {}
 
-    def page(self, peer: NodeId, request: SyncPage, state: RegisterState) -> tuple[list[SyncEntry], Key | None]:
+    def page(
+        self, peer: NodeId, request: SyncPage, state: RegisterState
+    ) -> tuple[list[SyncEntry], Key | None]:
         now = time.monotonic()
         for sid, snap in list(self._sessions.items()):
             if now - snap.used > SESSION_IDLE:
                 del self._sessions[sid]
         sid = (peer, request.session)
-        snap = self._sessions.get(sid)
-        if snap is None or request.after is None:
+        found = self._sessions.get(sid)
+        if found is None or request.after is None:
             while len(self._sessions) >= MAX_SESSIONS:
                 del self._sessions[min(self._sessions, key=lambda s: self._sessions[s].used)]
-            snap = self._sessions[sid] = _Snapshot(sorted(state.keys()), state, now)
+            found = self._sessions[sid] = _Snapshot(sorted(state.keys()), state, now)
+        snap = found
         snap.used = now
         start = 0 if request.after is None else _bisect_after(snap.keys, request.after)
         entries: list[SyncEntry] = []

@@ -53,9 +53,7 @@ class Replica:
         self.rids = rids if rids is not None else RidTable()
         snapshot = store.load()
         if snapshot.meta is not None and snapshot.meta.node_id != node_id:
-            raise StorageError(
-                f"the data belongs to node {snapshot.meta.node_id!r}, not {node_id!r}"
-            )
+            raise StorageError(f"the data belongs to node {snapshot.meta.node_id!r}, not {node_id!r}")
         self.meta = snapshot.meta or Meta(node_id=node_id)
         self.state: RegisterState = apply_updates(empty_state(), snapshot.entries)[0]
         self._pending_drops = self.rids.add(snapshot.rids, time.time())
@@ -126,8 +124,9 @@ class Replica:
         self._floor = max(self._floor, counter)
 
     async def mark_ready(self) -> None:
-        await self.set_meta(attrs.evolve(self.meta, ready=True,
-                                         counter_reserved=max(self.meta.counter_reserved, self._floor)))
+        await self.set_meta(
+            attrs.evolve(self.meta, ready=True, counter_reserved=max(self.meta.counter_reserved, self._floor))
+        )
 
     # --- the commit task ---------------------------------------------------
 

@@ -17,13 +17,14 @@ loop; inside a trio test use ``await cluster.wait_serving_async()``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -45,7 +46,9 @@ __all__ = [
     "pid_alive",
     "qkv_env",
     "run_qkv",
+    "started_cluster",
     "stop_process",
+    "wait_serving_addresses",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -140,14 +143,21 @@ def run_qkv(
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a zombie counts as alive)."""
+    """Whether process ``pid`` still runs: ``os.kill(pid, 0)`` finds it and
+    it is not a zombie (exited, waiting to be reaped: where PID 1 does not
+    reap orphans, as in some containers, a dead orphan stays a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust os.kill
+    # the state follows the parenthesised command name, which may hold spaces
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def stop_process(
@@ -166,14 +176,15 @@ def stop_process(
     return proc.wait(timeout=30)
 
 
-async def ping_states(addresses: Sequence[Address], *, timeout: float = 1.0) -> list[str]:
-    """Each node's state as its ping answers it (``"unreachable"`` if not)."""
+async def ping_states(addresses: Sequence[Address], *, per_node: float = 1.0) -> list[str]:
+    """Each node's state as its ping answers it (``"unreachable"`` if it
+    does not within ``per_node`` seconds)."""
     states = ["unreachable"] * len(addresses)
 
     async def ask(i: int) -> None:
         try:
-            with trio.fail_after(timeout + 0.5):
-                async with open_client([addresses[i]], timeout=timeout) as client:
+            with trio.fail_after(per_node + 0.5):
+                async with open_client([addresses[i]], timeout=per_node) as client:
                     states[i] = (await client.ping(addresses[i])).state
         except (PeerUnavailable, QkvError, trio.TooSlowError, OSError):
             states[i] = "unreachable"
@@ -301,38 +312,40 @@ class ProcCluster:
     def signal(self, i: int, sig: int = signal.SIGTERM) -> None:
         self.proc(i).send_signal(sig)
 
-    def terminate(self, i: int, *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def terminate(self, i: int, *, sig: int = signal.SIGTERM, within: float = 10.0) -> int:
         """Send ``sig`` (SIGTERM) and wait for the exit status. If the node
-        has not exited within ``timeout`` seconds it is killed and
+        has not exited within ``within`` seconds it is killed and
         ``AssertionError`` raised."""
         proc = self.proc(i)
         if proc.poll() is None:
             proc.send_signal(sig)
-        return self.wait_exit(i, timeout=timeout)
+        return self.wait_exit(i, within=within)
 
-    def wait_exit(self, i: int, *, timeout: float = 10.0) -> int:
+    def wait_exit(self, i: int, *, within: float = 10.0) -> int:
         proc = self.proc(i)
         try:
-            return proc.wait(timeout=timeout)
+            return proc.wait(timeout=within)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
             raise AssertionError(
-                f"{self.ids[i]} did not exit within {timeout} s\n{self.logs_tail()}"
+                f"{self.ids[i]} did not exit within {within} s\n{self.logs_tail()}"
             ) from None
 
-    async def terminate_async(self, i: int, *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """``terminate`` without blocking the trio loop."""
+    async def terminate_async(self, i: int, *, sig: int = signal.SIGTERM, within: float = 10.0) -> int:
+        """``terminate`` without blocking the trio loop (the wait runs in a
+        thread)."""
         proc = self.proc(i)
         if proc.poll() is None:
             proc.send_signal(sig)
-        with trio.move_on_after(timeout):
-            while proc.poll() is None:
-                await trio.sleep(0.02)
-            return proc.returncode
-        proc.kill()
-        proc.wait(timeout=30)
-        raise AssertionError(f"{self.ids[i]} did not exit within {timeout} s\n{self.logs_tail()}")
+        try:
+            return await trio.to_thread.run_sync(functools.partial(proc.wait, timeout=within))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(
+                f"{self.ids[i]} did not exit within {within} s\n{self.logs_tail()}"
+            ) from None
 
     def restart(self, i: int) -> subprocess.Popen[bytes]:
         """Stop node ``i`` if running (SIGTERM, then SIGKILL), start it again
@@ -374,41 +387,57 @@ class ProcCluster:
 
     # --- readiness ---
 
-    async def wait_serving_async(self, timeout: float = 20.0, nodes: Iterable[int] | None = None) -> None:
+    async def wait_serving_async(self, within: float = 20.0, nodes: Iterable[int] | None = None) -> None:
         """Wait until every node in ``nodes`` (default: all) answers a ping
         with state ``serving``; ``AssertionError`` with the logs if not in
-        ``timeout`` seconds or if one of them exits."""
+        ``within`` seconds or if one of them exits."""
         chosen = list(range(self.size) if nodes is None else nodes)
-        states: list[str] = []
-        with trio.move_on_after(timeout):
-            while True:
-                for i in chosen:
-                    proc = self.procs[i]
-                    if proc is None or proc.poll() is not None:
-                        code = None if proc is None else proc.returncode
-                        raise AssertionError(
-                            f"{self.ids[i]} is not running (exit status {code})\n{self.logs_tail()}"
-                        )
-                states = await ping_states([self.addresses[i] for i in chosen])
-                if all(s == "serving" for s in states):
-                    return
-                await trio.sleep(0.05)
-        raise AssertionError(
-            f"nodes {[self.ids[i] for i in chosen]} not serving after {timeout} s (states {states})\n"
-            + self.logs_tail()
+        for i in chosen:
+            self.proc(i)
+        await wait_serving_addresses(
+            [self.addresses[i] for i in chosen], within,
+            procs={self.ids[i]: self.proc(i) for i in chosen}, describe=self.logs_tail,
         )
 
-    def wait_serving(self, timeout: float = 20.0, nodes: Iterable[int] | None = None) -> None:
+    def wait_serving(self, within: float = 20.0, nodes: Iterable[int] | None = None) -> None:
         """``wait_serving_async`` from synchronous code (not inside trio)."""
-        trio.run(self.wait_serving_async, timeout, nodes)
+        trio.run(self.wait_serving_async, within, nodes)
+
+
+async def wait_serving_addresses(
+    addresses: Sequence[Address],
+    within: float = 20.0,
+    *,
+    procs: Mapping[str, subprocess.Popen[bytes]] | None = None,
+    describe: Callable[[], str] | None = None,
+) -> None:
+    """Wait until every address answers a ping with state ``serving``.
+    ``AssertionError`` (with ``describe()``, e.g. the logs) after ``within``
+    seconds, or as soon as one of ``procs`` has exited."""
+    states: list[str] = []
+    with trio.move_on_after(within):
+        while True:
+            for name, proc in (procs or {}).items():
+                if proc.poll() is not None:
+                    raise AssertionError(
+                        f"{name} exited with status {proc.returncode} before serving\n"
+                        + (describe() if describe else ""))
+            states = await ping_states(addresses)
+            if all(s == "serving" for s in states):
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(
+        f"{[str(a) for a in addresses]} not all serving after {within} s (states {states})\n"
+        + (describe() if describe else "")
+    )
 
 
 @contextlib.contextmanager
 def started_cluster(
-    root: Path, size: int = 3, *, extra_args: Sequence[str] = (), timeout: float = 20.0
+    root: Path, size: int = 3, *, extra_args: Sequence[str] = (), within: float = 20.0
 ) -> Iterator[ProcCluster]:
     """A ``ProcCluster`` started and serving (sync code only); always stopped."""
     with ProcCluster(root, size, extra_args=extra_args) as cluster:
         cluster.start_all()
-        cluster.wait_serving(timeout)
+        cluster.wait_serving(within)
         yield cluster
