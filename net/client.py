@@ -17,13 +17,13 @@ import itertools
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from net.address import Address
-from net.codec import MalformedMessage, decode_reply, encode_request, reply_id
+from net.codec import MalformedMessage, encode_request, structure_reply, unpack_reply
 from net.errors import PeerUnavailable, ShuttingDown, Unavailable, error_for_code
 from net.framing import FrameError
 from net.messages import (
@@ -58,7 +58,7 @@ class Connection:
         # at the same moment by many tasks share one send.
         self._outbox = Outbox(stream, max_frame=max_frame, batch=False, send_timeout=SEND_TIMEOUT)
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[trio.Event, list[bytes]]] = {}
+        self._waiting: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
         self._broken: BaseException | None = None
 
     async def request(self, request: Request, expected: type[T]) -> T:
@@ -68,7 +68,7 @@ class Connection:
             raise PeerUnavailable(f"{self.address}: connection broken: {self._broken}")
         request = attrs.evolve(request, id=next(self._ids))
         arrived = trio.Event()
-        slot: list[bytes] = []
+        slot: list[dict[str, Any]] = []
         self._waiting[request.id] = (arrived, slot)
         try:
             await self._outbox.wait_room()
@@ -79,7 +79,7 @@ class Connection:
         if not slot:
             raise PeerUnavailable(f"{self.address}: connection broken: {self._broken}")
         try:
-            reply = decode_reply(slot[0], expected)
+            reply = structure_reply(slot[0], expected)
         except MalformedMessage as exc:
             raise PeerUnavailable(f"{self.address}: {exc}") from None
         if isinstance(reply, ErrorReply):
@@ -109,16 +109,16 @@ class Connection:
                 if not bodies:
                     raise trio.BrokenResourceError("the node closed the connection")
                 for body in bodies:
-                    rid = reply_id(body)
-                    waiting = self._waiting.get(rid) if rid is not None else None
-                    if waiting is None:
-                        if rid is None:
-                            # A connection-level error (id nil): it is about
-                            # to close; every request on it is answered by it.
-                            raise _ConnectionError(body)
-                        continue
-                    waiting[1].append(body)
-                    waiting[0].set()
+                    raw = unpack_reply(body)
+                    rid = raw.get("id")
+                    if type(rid) is not int:
+                        # A connection-level error (id nil): it is about to
+                        # close; every request on it is answered by it.
+                        raise _ConnectionError(raw)
+                    waiting = self._waiting.get(rid)
+                    if waiting is not None:
+                        waiting[1].append(raw)
+                        waiting[0].set()
         except _ConnectionError as exc:
             for arrived, slot in self._waiting.values():
                 slot.append(exc.body)
@@ -137,9 +137,9 @@ class Connection:
 
 
 class _ConnectionError(Exception):
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, reply: dict[str, Any]) -> None:
         super().__init__("connection-level error from the node")
-        self.body = body
+        self.body = reply
 
 
 @asynccontextmanager

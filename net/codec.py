@@ -59,6 +59,8 @@ __all__ = [
     "encode_peer",
     "encode_reply",
     "encode_request",
+    "structure_reply",
+    "unpack_reply",
     "peer_frame_body",
     "peer_frame_overhead",
 ]
@@ -104,7 +106,7 @@ def _exactly(kind: type[T]) -> Callable[[Any, type], T]:
     def structure(raw: Any, _: type) -> T:
         if type(raw) is not kind:
             raise ValueError(f"expected {kind.__name__}, not {type(raw).__name__}")
-        return raw  # type: ignore[no-any-return]
+        return raw
 
     return structure
 
@@ -244,27 +246,29 @@ def encode_reply(reply: Reply) -> bytes:
     return _packb(raw)
 
 
+def unpack_reply(body: bytes) -> dict[str, Any]:
+    """A reply body as a map with a boolean ``ok``, so that a client can
+    route it by ``id`` before decoding it (with ``structure_reply``)."""
+    try:
+        raw = _unpack(body)
+    except Exception as exc:  # msgpack raises many unrelated types
+        raise MalformedMessage(f"malformed reply: {exc}") from None
+    if not isinstance(raw, dict) or type(raw.get("ok")) is not bool:
+        raise MalformedMessage("malformed reply: not a map with a boolean 'ok'")
+    return raw
+
+
+def structure_reply(raw: dict[str, Any], expected: type[T]) -> T | ErrorReply:
+    """A reply map as the reply class of its request (or ``ErrorReply``)."""
+    try:
+        return _converter.structure(raw, expected if raw["ok"] else ErrorReply)  # type: ignore[return-value]
+    except Exception as exc:
+        raise MalformedMessage(f"malformed reply: {exc}") from None
+
+
 def decode_reply(body: bytes, expected: type[T]) -> T | ErrorReply:
     """Decode a reply to a request whose reply type is ``expected``."""
-    try:
-        raw = _unpack(body)
-        if not isinstance(raw, dict) or type(raw.get("ok")) is not bool:
-            raise ValueError("reply is not a map with 'ok'")
-        if not raw["ok"]:
-            return _converter.structure(raw, ErrorReply)
-        return _converter.structure(raw, expected)
-    except Exception as exc:
-        raise MalformedMessage(f"malformed reply: {exc}") from None
-
-
-def reply_id(body: bytes) -> int | None:
-    """The ``id`` of a reply body, to route it before full decoding."""
-    try:
-        raw = _unpack(body)
-    except Exception as exc:
-        raise MalformedMessage(f"malformed reply: {exc}") from None
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    return rid if type(rid) is int else None
+    return structure_reply(unpack_reply(body), expected)
 
 
 # --- node to node ----------------------------------------------------------
