@@ -49,9 +49,10 @@ class ServerLimits:
 class Handler(Protocol):
     """What the node provides to the server."""
 
-    async def handle(self, request: Request) -> Reply:
-        """Answer one client request (never raises ``QkvError``: it is
-        turned into an ``ErrorReply`` by the handler itself)."""
+    def submit(self, request: Request, respond: Callable[[Reply], None]) -> None:
+        """Start answering one client request; call ``respond`` exactly once
+        with the reply, errors included, within the request deadline.
+        Never raises."""
 
     def is_peer(self, node: str) -> bool:
         """Whether ``node`` is a member that may open a peer session."""
@@ -185,11 +186,18 @@ async def _client_session(
     reader: FramedReader, outbox: Outbox, bodies: list[bytes], handler: Handler, limits: ServerLimits
 ) -> None:
     request_limits = Limits(max_value=limits.max_value)
+    # A slot per request from reading it until its reply is written: the
+    # reader waits for a free slot, which is the per-connection back-pressure.
     inflight = trio.Semaphore(limits.max_inflight)
+    unanswered = 0
+    all_answered = trio.Event()
 
-    async def answer(request: Request) -> None:
-        reply = await handler.handle(request)
+    def respond(reply: Reply) -> None:
+        nonlocal unanswered
         outbox.put(encode_reply(reply), inflight.release)
+        unanswered -= 1
+        if not unanswered:
+            all_answered.set()
 
     async with trio.open_nursery() as connection:
         writer_done = trio.Event()
@@ -202,40 +210,36 @@ async def _client_session(
                 connection.cancel_scope.cancel()
 
         connection.start_soon(write)
-        async with trio.open_nursery() as handlers:
-            while bodies:
-                closing = False
-                for body in bodies:
-                    try:
-                        request = decode_request(body, request_limits)
-                    except QkvError as exc:
-                        outbox.put(encode_reply(error_reply(exc)))
-                        closing = isinstance(exc, FatalRequest)
-                        if closing:
-                            break
-                        continue
-                    if isinstance(request, PeerHello):
-                        outbox.put(
-                            encode_reply(
-                                ErrorReply(
-                                    id=request.id,
-                                    error="bad_request",
-                                    message="peer_hello must be the first frame of a connection",
-                                )
-                            )
-                        )
-                        continue
-                    await inflight.acquire()
-                    handlers.start_soon(answer, request)
-                if closing:
-                    break
-                await outbox.wait_room()
+        while bodies:
+            closing = False
+            for body in bodies:
                 try:
-                    bodies = await reader.receive()
-                except FrameError as exc:
-                    outbox.put(encode_reply(_frame_error_reply(exc)))
-                    break
-        # Every handler has queued its reply (each runs under the request
-        # deadline); flush them, then close.
+                    request = decode_request(body, request_limits)
+                except QkvError as exc:
+                    outbox.put(encode_reply(error_reply(exc)))
+                    closing = isinstance(exc, FatalRequest)
+                    if closing:
+                        break
+                    continue
+                if isinstance(request, PeerHello):
+                    message = "peer_hello must be the first frame of a connection"
+                    outbox.put(encode_reply(ErrorReply(id=request.id, error="bad_request", message=message)))
+                    continue
+                await inflight.acquire()
+                unanswered += 1
+                handler.submit(request, respond)
+            if closing:
+                break
+            await outbox.wait_room()
+            try:
+                bodies = await reader.receive()
+            except FrameError as exc:
+                outbox.put(encode_reply(_frame_error_reply(exc)))
+                break
+        # Every request gets its answer (each runs under the request
+        # deadline); then the replies are flushed and the connection closed.
+        if unanswered:
+            all_answered = trio.Event()  # respond() sees this one
+            await all_answered.wait()
         outbox.close_after_flush()
         await writer_done.wait()

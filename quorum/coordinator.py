@@ -1,23 +1,32 @@
 """The coordinator: drives client operations (``quorum.operation``) over
-the node's replica and its peer links.
+the node's replica and its peer links, without a task per request.
 
-Each phase's message goes to every node at once: to this node's replica by
-a direct call, to each peer through its ``PeerLink`` (encoded once, the same
-bytes for every peer). Outcomes are fed to the operation as they arrive;
-the phase is over as soon as the operation says so (a majority answered, or
-can no longer answer), and stragglers are ignored. The caller puts the whole
-operation under its deadline; nothing here waits without one.
+An operation advances in callbacks: each phase's message goes to every node
+at once (to this node's replica by a direct call, to each peer through its
+``PeerLink``, encoded once, the same bytes for every peer); every outcome is
+fed to the operation as it arrives, and when the operation moves on, its
+next message goes out from that same callback. So a request costs no task,
+no cancel scope and no task switch of its own: under load, the replies in
+one incoming frame advance many operations in one go, and their next
+messages leave together in one outgoing frame.
+
+Deadlines: every operation has one; they all come from the same request
+timeout, so they expire in the order the operations started, and one timer
+task with a FIFO queue is enough (``run_deadlines``). An expired operation
+answers ``unavailable`` and ignores whatever arrives later.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 from collections.abc import Callable
 
 import trio
 
 from net.codec import encode_peer
-from net.errors import Unavailable
+from net.errors import Internal, QkvError, Unavailable
 from net.messages import PeerRequest, PeerResponse, Query, QueryReply, Store, StoreAck
 from quorum.faults import FaultSwitches
 from quorum.operation import (
@@ -33,71 +42,70 @@ from quorum.operation import (
 )
 from quorum.peers import PeerLink
 from quorum.replica import Replica, Update
-from register.model import Key, NodeId, Tag, Versioned
+from register.model import NodeId, Tag, Versioned
+from register.store import StorageError
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "Finish"]
+
+log = logging.getLogger("qkv.coordinator")
+
+#: called exactly once with the operation's result or its error
+Finish = Callable[[Done | QkvError], None]
+Outcome = QueryResult | bool | None
 
 
-class Coordinator:
-    def __init__(self, replica: Replica, links: dict[NodeId, PeerLink], switches: FaultSwitches) -> None:
-        self.me = replica.node_id
-        self.replica = replica
-        self.links = links
-        self.switches = switches
-        self.nodes = frozenset([self.me, *links])
-        self._reqs = itertools.count(1)
-        self.fast_reads = 0
-        self.write_backs = 0
+class _Run:
+    """One operation being coordinated."""
 
-    async def get(self, key: Key) -> Versioned | None:
-        op = Operation.get(key, self.nodes, skip_write_back=self.switches.skip_read_write_back)
-        done = await self.run(op)
-        if done.wrote_back:
-            self.write_backs += 1
-        else:
-            self.fast_reads += 1
-        assert not isinstance(done.result, Tag)
-        return done.result
+    def __init__(self, coordinator: Coordinator, op: Operation, finish: Finish, deadline: float) -> None:
+        self.coordinator = coordinator
+        self.op = op
+        self._finish = finish
+        self.deadline = deadline
+        self.over = False
+        self._phase = 0
+        self._req = 0
+        self._sent: list[PeerLink] = []
 
-    async def write(self, key: Key, value: bytes | None, rid: bytes | None) -> Tag:
-        quorum = self.switches.write_quorum
-        if value is None:
-            op = Operation.delete(key, self.nodes, rid, write_quorum=quorum)
-        else:
-            op = Operation.set(key, value, self.nodes, rid, write_quorum=quorum)
-        done = await self.run(op)
-        assert isinstance(done.result, Tag)
-        return done.result
+    def advance(self, step: Step) -> None:
+        try:
+            self._advance(step)
+        except Exception as exc:  # a bug: fail this request, not the node
+            log.exception("operation on %r failed", self.op.key)
+            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
 
-    async def run(self, op: Operation) -> Done:
-        """Carry ``op`` out; raise ``Unavailable`` if it fails."""
-        step: Step = op.start()
-        while True:
+    def _advance(self, step: Step) -> None:
+        while not self.over:
             match step:
                 case SendQuery() | SendStore():
-                    step = await self._phase(op, step)
+                    self._send(step)
+                    return
                 case IssueTag(seen=seen):
-                    step = op.tag_issued(await self.replica.issue_tag(seen))
+                    self.coordinator.replica.issue_tag(seen, self._tag_issued)
+                    return
                 case Done():
-                    return step
+                    self.finish(step)
+                    return
                 case Failed(reason=reason):
-                    raise Unavailable(reason)
+                    self.finish(Unavailable(reason))
+                    return
                 case Pending():
-                    raise AssertionError("a phase ended without a decision")
+                    return
 
-    async def _phase(self, op: Operation, send: SendQuery | SendStore) -> Step:
-        moved = trio.Event()
-        outcome: list[Step] = []
+    def _tag_issued(self, tag: Tag | StorageError) -> None:
+        if self.over:
+            return
+        if isinstance(tag, StorageError):
+            self.finish(Internal(f"cannot reserve tags: {tag}"))
+        else:
+            self.advance(self.op.tag_issued(tag))
 
-        def deliver(node: NodeId, result: QueryResult | bool | None) -> None:
-            if outcome:
-                return  # the phase is over: a straggler
-            step = op.receive(node, result)
-            if not isinstance(step, Pending):
-                outcome.append(step)
-                moved.set()
-
-        req = next(self._reqs)
+    def _send(self, send: SendQuery | SendStore) -> None:
+        coordinator = self.coordinator
+        self._forget()
+        self._phase += 1
+        phase = self._phase
+        self._req = req = next(coordinator.reqs)
         message: PeerRequest
         if isinstance(send, SendQuery):
             message = Query(req=req, key=send.key, rid=send.rid)
@@ -105,40 +113,109 @@ class Coordinator:
             version = send.version
             message = Store(req=req, key=send.key, tag=version.tag, value=version.value, rid=send.rid)
         encoded = encode_peer(message)
-        sent: list[PeerLink] = []
-        for node, link in self.links.items():
+        for node, link in coordinator.links.items():
 
             def on_reply(reply: PeerResponse | None, node: NodeId = node) -> None:
-                deliver(node, _peer_result(reply))
+                self.deliver(phase, node, _peer_result(reply))
 
             if link.send(req, encoded, on_reply):
-                sent.append(link)
-        self._local(send, deliver)
-        try:
-            await moved.wait()
-        finally:
-            for link in sent:
-                link.forget(req)
-        return outcome[0]
+                self._sent.append(link)
+        coordinator.local(send, lambda outcome: self.deliver(phase, coordinator.me, outcome))
 
-    def _local(
-        self, send: SendQuery | SendStore, deliver: Callable[[NodeId, QueryResult | bool | None], None]
+    def deliver(self, phase: int, node: NodeId, outcome: Outcome) -> None:
+        if self.over or phase != self._phase:
+            return  # a straggler of a phase that is over
+        try:
+            step = self.op.receive(node, outcome)
+        except Exception as exc:
+            log.exception("operation on %r failed", self.op.key)
+            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+            return
+        if not isinstance(step, Pending):
+            self.advance(step)
+
+    def finish(self, result: Done | QkvError) -> None:
+        if self.over:
+            return
+        self.over = True
+        self._forget()
+        self._finish(result)
+
+    def _forget(self) -> None:
+        for link in self._sent:
+            link.forget(self._req)
+        self._sent.clear()
+
+
+class Coordinator:
+    def __init__(
+        self,
+        replica: Replica,
+        links: dict[NodeId, PeerLink],
+        switches: FaultSwitches,
+        timeout: float,
     ) -> None:
+        self.me = replica.node_id
+        self.replica = replica
+        self.links = links
+        self.switches = switches
+        self.timeout = timeout
+        self.nodes = frozenset([self.me, *links])
+        self.reqs = itertools.count(1)
+        self._deadlines: collections.deque[_Run] = collections.deque()
+        self._timer_wakeup = trio.Event()
+        self.fast_reads = 0
+        self.write_backs = 0
+
+    def start(self, op: Operation, finish: Finish) -> None:
+        """Coordinate ``op``; ``finish`` gets its result, or ``Unavailable``
+        once the request timeout has passed."""
+
+        def count(result: Done | QkvError) -> None:
+            if isinstance(result, Done) and op.kind.value == "get":
+                if result.wrote_back:
+                    self.write_backs += 1
+                else:
+                    self.fast_reads += 1
+            finish(result)
+
+        run = _Run(self, op, count, trio.current_time() + self.timeout)
+        self._deadlines.append(run)
+        self._timer_wakeup.set()
+        run.advance(op.start())
+
+    async def run_deadlines(self) -> None:
+        """The timer task: fail every operation still running at its
+        deadline. Deadlines are in queue order (one timeout for all)."""
+        queue = self._deadlines
+        while True:
+            while queue and queue[0].over:
+                queue.popleft()
+            if not queue:
+                self._timer_wakeup = trio.Event()
+                await self._timer_wakeup.wait()
+                continue
+            run = queue[0]
+            await trio.sleep_until(run.deadline)
+            queue.popleft()
+            run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
+
+    def local(self, send: SendQuery | SendStore, deliver: Callable[[Outcome], None]) -> None:
         """This node's own replica takes part in every phase."""
         replica = self.replica
         if isinstance(send, SendQuery):
             if replica.ready or self.switches.serve_before_catch_up:
-                deliver(self.me, (replica.get(send.key), replica.rid_tag(send.rid)))
+                deliver((replica.get(send.key), replica.rid_tag(send.rid)))
             else:
-                deliver(self.me, None)
+                deliver(None)
         else:
             replica.submit(
                 [Update(send.key, send.version, send.rid)],
-                lambda error: deliver(self.me, error is None or None),
+                lambda error: deliver(error is None or None),
             )
 
 
-def _peer_result(reply: PeerResponse | None) -> QueryResult | bool | None:
+def _peer_result(reply: PeerResponse | None) -> Outcome:
     """A peer's reply as the operation sees it (``None``: that node failed)."""
     if isinstance(reply, QueryReply):
         return (None if reply.tag is None else Versioned(reply.tag, reply.value)), reply.rid_tag

@@ -12,7 +12,7 @@ meanwhile, then closes its storage.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from net.address import Address
-from net.errors import Internal, QkvError, ShuttingDown, Unavailable
+from net.errors import QkvError, ShuttingDown, Unavailable
 from net.messages import (
     Delete,
     ErrorReply,
@@ -40,11 +40,12 @@ from net.stream import FramedReader, Outbox
 from quorum.catch_up import catch_up
 from quorum.coordinator import Coordinator
 from quorum.faults import FaultSwitches
+from quorum.operation import Done, Operation
 from quorum.peer_service import PeerService, SyncSessions
 from quorum.peers import PeerLink
 from quorum.replica import Replica
-from register.model import NodeId
-from register.store import MemoryStore, StorageError, Store
+from register.model import NodeId, Tag
+from register.store import MemoryStore, Store
 
 __all__ = ["Node", "NodeConfig", "open_node"]
 
@@ -105,7 +106,7 @@ class Node:
             )
             for peer, address in config.peers.items()
         }
-        self.coordinator = Coordinator(self.replica, self.links, self.switches)
+        self.coordinator = Coordinator(self.replica, self.links, self.switches, config.request_timeout)
         page_bytes = max(64 * 1024, min(512 * 1024, config.max_frame // 4))
         self.peer_service = PeerService(self.replica, self.switches, SyncSessions(page_bytes))
         self.address = config.listen
@@ -125,52 +126,56 @@ class Node:
 
     # --- the server's handler -----------------------------------------------
 
-    async def handle(self, request: Request) -> Reply:
+    def submit(self, request: Request, respond: Callable[[Reply], None]) -> None:
+        """Start answering ``request``; ``respond`` is called exactly once
+        with the reply (perhaps before this returns). Never raises."""
         if isinstance(request, Ping):
-            return PingReply(id=request.id, node=self.id, state=self.state)
+            respond(PingReply(id=request.id, node=self.id, state=self.state))
+            return
         if self.draining:
-            return error_reply(ShuttingDown("node is shutting down", request_id=request.id))
+            respond(error_reply(ShuttingDown("node is shutting down", request_id=request.id)))
+            return
         if not (self.replica.ready or self.switches.serve_before_catch_up):
-            return error_reply(
-                Unavailable(
-                    f"node {self.id} is recovering (catching up after a new or lost data dir)",
-                    request_id=request.id,
+            message = f"node {self.id} is recovering (catching up after a new or lost data dir)"
+            respond(error_reply(Unavailable(message, request_id=request.id)))
+            return
+        switches = self.switches
+        match request:
+            case Get(key=key):
+                op = Operation.get(key, self.coordinator.nodes, skip_write_back=switches.skip_read_write_back)
+            case Set(key=key, value=value, rid=rid):
+                op = Operation.set(
+                    key, value, self.coordinator.nodes, rid, write_quorum=switches.write_quorum
                 )
-            )
+            case Delete(key=key, rid=rid):
+                op = Operation.delete(key, self.coordinator.nodes, rid, write_quorum=switches.write_quorum)
+            case _:
+                respond(ErrorReply(id=request.id, error="bad_request", message="not a client request"))
+                return
         self.requests_in_flight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        try:
-            with trio.move_on_after(self.config.request_timeout):
-                return await self._execute(request)
-            return error_reply(
-                Unavailable(
-                    f"no majority answered within {self.config.request_timeout:g} s", request_id=request.id
-                )
-            )
-        except QkvError as exc:
-            exc.request_id = request.id
-            return error_reply(exc)
-        except StorageError as exc:
-            return error_reply(Internal(f"local storage failed: {exc}", request_id=request.id))
-        finally:
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+        def finish(result: Done | QkvError) -> None:
             self.requests_in_flight -= 1
             if not self.requests_in_flight:
                 self._idle.set()
+            respond(_reply(request, result))
 
-    async def _execute(self, request: Request) -> Reply:
-        match request:
-            case Get(id=id_, key=key):
-                held = await self.coordinator.get(key)
-                if held is None:
-                    return GetReply(id=id_, found=False, value=None, tag=None)
-                return GetReply(id=id_, found=not held.deleted, value=held.value, tag=held.tag)
-            case Set(id=id_, key=key, value=value, rid=rid):
-                return WriteReply(id=id_, tag=await self.coordinator.write(key, value, rid))
-            case Delete(id=id_, key=key, rid=rid):
-                return WriteReply(id=id_, tag=await self.coordinator.write(key, None, rid))
-            case Ping() | PeerHello():
-                raise AssertionError("answered before the quorum path")
-        return ErrorReply(id=request.id, error="internal", message="unhandled request")
+        self.coordinator.start(op, finish)
+
+    async def handle(self, request: Request) -> Reply:
+        """Answer ``request`` (for protocol front ends that await)."""
+        replies: list[Reply] = []
+        answered = trio.Event()
+
+        def respond(reply: Reply) -> None:
+            replies.append(reply)
+            answered.set()
+
+        self.submit(request, respond)
+        await answered.wait()
+        return replies[0]
 
     def is_peer(self, node: str) -> bool:
         return node in self.links
@@ -190,6 +195,7 @@ class Node:
             try:
                 async with open_service_nursery() as nursery:
                     await nursery.start(self.replica.run)
+                    nursery.start_soon(self.coordinator.run_deadlines)
                     for link in self.links.values():
                         nursery.start_soon(link.run)
                     await nursery.start(serve, listeners, self, self.config.server_limits)
@@ -260,3 +266,16 @@ async def open_node(
         finally:
             with trio.CancelScope(shield=True):
                 await node.shutdown()
+
+
+def _reply(request: Request, result: Done | QkvError) -> Reply:
+    """The client reply for an operation's result."""
+    if isinstance(result, QkvError):
+        result.request_id = request.id
+        return error_reply(result)
+    held = result.result
+    if isinstance(held, Tag):
+        return WriteReply(id=request.id, tag=held)
+    if held is None:
+        return GetReply(id=request.id, found=False, value=None, tag=None)
+    return GetReply(id=request.id, found=not held.deleted, value=held.value, tag=held.tag)

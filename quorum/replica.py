@@ -104,21 +104,33 @@ class Replica:
 
     async def set_meta(self, meta: Meta) -> None:
         """Make ``meta`` durable (in the next group commit)."""
+        await _until_done(lambda done: self._enqueue_meta(meta, done))
 
-        def enqueue(done: Done) -> None:
-            self._next_meta = meta
-            self._meta_waiters.append(done)
-            self._wakeup.set()
+    def _enqueue_meta(self, meta: Meta, done: Done) -> None:
+        pending = self._next_meta
+        if pending is not None and self._meta_waiters:
+            # Both changes go into the same commit; neither may undo the
+            # other (reservations only grow, ready is never unset).
+            meta = attrs.evolve(
+                meta,
+                counter_reserved=max(meta.counter_reserved, pending.counter_reserved),
+                ready=meta.ready or pending.ready,
+            )
+        self._next_meta = meta
+        self._meta_waiters.append(done)
+        self._wakeup.set()
 
-        await _until_done(enqueue)
-
-    async def issue_tag(self, seen: Tag) -> Tag:
-        """A new tag above ``seen`` and above every tag this node issued."""
+    def issue_tag(self, seen: Tag, ready: Callable[[Tag | StorageError], None]) -> None:
+        """Issue a new tag above ``seen`` and above every tag this node
+        issued, and pass it to ``ready``: at once when the durable
+        reservation covers it, else once a larger reservation is on disk."""
         tag = seen.successor(self._floor, self.node_id)
         self._floor = tag.counter
-        if tag.counter > self.meta.counter_reserved:
-            await self.set_meta(attrs.evolve(self.meta, counter_reserved=tag.counter + RESERVE_STEP))
-        return tag
+        if tag.counter <= self.meta.counter_reserved:
+            ready(tag)
+            return
+        reservation = attrs.evolve(self.meta, counter_reserved=tag.counter + RESERVE_STEP)
+        self._enqueue_meta(reservation, lambda error: ready(tag if error is None else error))
 
     def raise_floor(self, counter: int) -> None:
         self._floor = max(self._floor, counter)
