@@ -110,10 +110,14 @@ class Query:
 
 @attrs.frozen(kw_only=True)
 class QueryReply:
+    """``rid_tag`` and ``rid_request``: the tag and the request fingerprint
+    recorded for the query's rid, if the node has it on record."""
+
     req: int
     tag: Tag | None
     value: bytes | None
     rid_tag: Tag | None = None
+    rid_request: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)

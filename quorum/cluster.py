@@ -58,6 +58,14 @@ class LocalCluster:
         return [c.listen for c in self.configs]
 
     @property
+    def resp_addresses(self) -> list[Address]:
+        """Where each node serves RESP (``open_cluster(resp=True)``)."""
+        listens = [c.resp_listen for c in self.configs]
+        if any(a is None for a in listens):
+            raise RuntimeError("this cluster serves no RESP: open it with resp=True")
+        return [a for a in listens if a is not None]
+
+    @property
     def ids(self) -> list[NodeId]:
         return [c.node_id for c in self.configs]
 
@@ -132,17 +140,18 @@ class LocalCluster:
                 nursery.start_soon(self.stop, i)
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free right now on loopback (bound, read, released)."""
+def _free_ports(count: int, avoid: frozenset[int] = frozenset()) -> list[int]:
+    """Ports free right now on loopback (bound, read, released), none of
+    them in ``avoid``."""
     import socket
 
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len([s for s in sockets if s.getsockname()[1] not in avoid]) < count:
             s = socket.socket()
             s.bind((LOOPBACK, 0))
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+        return [p for p in (s.getsockname()[1] for s in sockets) if p not in avoid]
     finally:
         for s in sockets:
             s.close()
@@ -155,20 +164,30 @@ async def open_cluster(
     data_dir: Path | None = None,
     ports: list[int] | None = None,
     start: bool = True,
+    resp: bool = False,
+    resp_ports: list[int] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[LocalCluster]:
     """Open a ``size``-node cluster on loopback; ``overrides`` are
-    ``NodeConfig`` fields shared by all nodes."""
+    ``NodeConfig`` fields shared by all nodes. With ``resp`` (or
+    ``resp_ports``) every node serves RESP too, on a port of its own
+    (``cluster.resp_addresses``), chosen free unless given."""
     ports = ports if ports is not None else _free_ports(size)
+    if resp and resp_ports is None:
+        resp_ports = _free_ports(size, avoid=frozenset(ports))
     ids = [NodeId(f"n{i + 1}") for i in range(size)]
     addresses = [Address(LOOPBACK, p) for p in ports]
+    per_node: list[dict[str, Any]] = [
+        overrides if resp_ports is None else {**overrides, "resp_listen": Address(LOOPBACK, resp_ports[i])}
+        for i in range(size)
+    ]
     configs = [
         NodeConfig(
             node_id=ids[i],
             listen=addresses[i],
             peers={ids[j]: addresses[j] for j in range(size) if j != i},
             data_dir=None if data_dir is None else data_dir / ids[i],
-            **overrides,
+            **per_node[i],
         )
         for i in range(size)
     ]

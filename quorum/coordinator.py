@@ -26,7 +26,7 @@ from collections.abc import Callable
 import trio
 
 from net.codec import encode_peer
-from net.errors import Internal, QkvError, Unavailable
+from net.errors import BadRequest, Internal, QkvError, Unavailable
 from net.messages import PeerRequest, PeerResponse, Query, QueryReply, Store, StoreAck
 from quorum.faults import FaultSwitches
 from quorum.operation import (
@@ -36,6 +36,7 @@ from quorum.operation import (
     Operation,
     Pending,
     QueryResult,
+    Rejected,
     SendQuery,
     SendStore,
     Step,
@@ -88,6 +89,9 @@ class _Run:
                     return
                 case Failed(reason=reason):
                     self.finish(Unavailable(reason))
+                    return
+                case Rejected(reason=reason):
+                    self.finish(BadRequest(reason))
                     return
                 case Pending():
                     return
@@ -205,7 +209,8 @@ class Coordinator:
         replica = self.replica
         if isinstance(send, SendQuery):
             if replica.ready or self.switches.serve_before_catch_up:
-                deliver((replica.get(send.key), replica.rid_tag(send.rid)))
+                record = replica.rid_record(send.rid)
+                deliver((replica.get(send.key), None if record is None else (record.tag, record.request)))
             else:
                 deliver(None)
         else:
@@ -218,7 +223,10 @@ class Coordinator:
 def _peer_result(reply: PeerResponse | None) -> Outcome:
     """A peer's reply as the operation sees it (``None``: that node failed)."""
     if isinstance(reply, QueryReply):
-        return (None if reply.tag is None else Versioned(reply.tag, reply.value)), reply.rid_tag
+        held = None if reply.tag is None else Versioned(reply.tag, reply.value)
+        if reply.rid_tag is None or reply.rid_request is None:
+            return held, None
+        return held, (reply.rid_tag, reply.rid_request)
     if isinstance(reply, StoreAck):
         return True
     return None

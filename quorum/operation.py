@@ -29,7 +29,7 @@ from typing import TypeAlias
 import attrs
 
 from quorum.decide import Decision, Vote, majority, read_outcome
-from register.model import Key, NodeId, Tag, Versioned
+from register.model import Key, NodeId, Tag, Versioned, request_fingerprint
 
 __all__ = [
     "Done",
@@ -38,14 +38,19 @@ __all__ = [
     "Operation",
     "Pending",
     "QueryResult",
+    "Rejected",
+    "RidSeen",
     "SendQuery",
     "SendStore",
     "Step",
 ]
 
+#: what one node has on record for a request id: the tag the write was
+#: stored under and the fingerprint of that write (``request_fingerprint``)
+RidSeen: TypeAlias = tuple[Tag, bytes]
 #: what one node answers to a query: its version of the key (None: never
-#: written) and the tag it recorded for the request id (None: unknown rid)
-QueryResult: TypeAlias = tuple[Versioned | None, Tag | None]
+#: written) and its record of the request id (None: unknown rid)
+QueryResult: TypeAlias = tuple[Versioned | None, RidSeen | None]
 
 
 @attrs.frozen
@@ -84,10 +89,19 @@ class Done:
 
 @attrs.frozen
 class Failed:
+    """No majority could answer: the outcome is unknown."""
+
     reason: str
 
 
-Step: TypeAlias = SendQuery | SendStore | IssueTag | Pending | Done | Failed
+@attrs.frozen
+class Rejected:
+    """The request is invalid and was not applied (nothing was stored)."""
+
+    reason: str
+
+
+Step: TypeAlias = SendQuery | SendStore | IssueTag | Pending | Done | Failed | Rejected
 PENDING = Pending()
 
 
@@ -179,10 +193,17 @@ class Operation:
                 self.phase = Phase.OVER
                 return Done(outcome.winner)
             return self._store_phase(SendStore(self.key, outcome.winner, None))
-        recorded = [rid_tag for _, rid_tag in replies if rid_tag is not None]
-        if recorded:
-            # A retry of a write some node already stored: finish that one.
-            return self._store_phase(SendStore(self.key, Versioned(max(recorded), self.value), self.rid))
+        seen = [record for _, record in replies if record is not None]
+        if seen:
+            mine = request_fingerprint(self.key, self.value)
+            if any(request != mine for _, request in seen):
+                # Nothing has been stored yet, so refusing is definite.
+                self.phase = Phase.OVER
+                return Rejected("this rid was already used for a different write (key or value)")
+            # A retry of a write some node already stored: finish that one,
+            # under its tag (the value is the same: same fingerprint).
+            tag = max(tag for tag, _ in seen)
+            return self._store_phase(SendStore(self.key, Versioned(tag, self.value), self.rid))
         self.phase = Phase.TAG
         return IssueTag(max((v.tag for v, _ in replies if v is not None), default=Tag.zero()))
 

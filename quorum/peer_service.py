@@ -134,11 +134,13 @@ class PeerService:
                 case Query(req=req, key=key, rid=rid):
                     if replica.ready or self.switches.serve_before_catch_up:
                         held = replica.get(key)
+                        record = replica.rid_record(rid)
                         reply: QueryReply | Refused = QueryReply(
                             req=req,
                             tag=None if held is None else held.tag,
                             value=None if held is None else held.value,
-                            rid_tag=replica.rid_tag(rid),
+                            rid_tag=None if record is None else record.tag,
+                            rid_request=None if record is None else record.request,
                         )
                     else:
                         reply = Refused(req=req, reason="recovering")

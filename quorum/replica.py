@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from register.model import Key, NodeId, RidRecord, Tag, Versioned
+from register.model import Key, NodeId, RidRecord, Tag, Versioned, request_fingerprint
 from register.rids import RidTable
 from register.state import RegisterState, apply_updates, empty_state, highest_counter
 from register.store import Batch, Meta, StorageError, Store
@@ -80,7 +80,7 @@ class Replica:
     def get(self, key: Key) -> Versioned | None:
         return self.state.get(key)
 
-    def rid_tag(self, rid: bytes | None) -> Tag | None:
+    def rid_record(self, rid: bytes | None) -> RidRecord | None:
         return None if rid is None else self.rids.lookup(rid)
 
     # --- writes ------------------------------------------------------------
@@ -156,7 +156,13 @@ class Replica:
         meta = self._next_meta if meta_waiters else None
         now = time.time()
         new_state, changed = apply_updates(self.state, ((u.key, u.version) for u, _ in queue))
-        records = [RidRecord(rid=u.rid, key=u.key, tag=u.version.tag, at=now) for u, _ in queue if u.rid]
+        records = [
+            RidRecord(
+                rid=u.rid, request=request_fingerprint(u.key, u.version.value), tag=u.version.tag, at=now
+            )
+            for u, _ in queue
+            if u.rid
+        ]
         batch = Batch(entries=changed, rids=records, rids_dropped=self._pending_drops, meta=meta)
         error: StorageError | None = None
         if batch:

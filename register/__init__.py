@@ -18,6 +18,7 @@ from register.model import (
     Versioned,
     merge,
     newer,
+    request_fingerprint,
 )
 from register.state import RegisterState, apply_updates
 from register.store import (
@@ -45,4 +46,5 @@ __all__ = [
     "apply_updates",
     "merge",
     "newer",
+    "request_fingerprint",
 ]

@@ -13,6 +13,7 @@ same value, because a tag is issued once (see ``quorum.coordinator``). So
 
 from __future__ import annotations
 
+import hashlib
 from typing import NewType
 
 import attrs
@@ -55,13 +56,25 @@ class Versioned:
 class RidRecord:
     """A remembered request id: the tag its write was stored under.
 
-    ``at`` is wall-clock seconds, used only to expire old records.
+    ``request`` is the fingerprint of the write (``request_fingerprint``):
+    a retry carries the same rid *and* the same key and value; the same rid
+    on a different write is a client error, never a reason to answer with
+    another write's tag. ``at`` is wall-clock seconds, used only to expire
+    old records.
     """
 
     rid: bytes
-    key: Key
+    request: bytes
     tag: Tag
     at: float
+
+
+def request_fingerprint(key: Key, value: bytes | None) -> bytes:
+    """A 128-bit digest of a write (a set of ``value``, or a delete)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(key).to_bytes(4, "big") + key)
+    digest.update(b"d" if value is None else b"s" + value)
+    return digest.digest()
 
 
 def newer(held: Versioned | None, incoming: Versioned) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from register.model import RidRecord, Tag
+from register.model import RidRecord
 
 DEFAULT_MAX_COUNT = 100_000
 DEFAULT_MAX_AGE = 600.0
@@ -31,9 +31,8 @@ class RidTable:
     def __len__(self) -> int:
         return len(self._records)
 
-    def lookup(self, rid: bytes) -> Tag | None:
-        record = self._records.get(rid)
-        return None if record is None else record.tag
+    def lookup(self, rid: bytes) -> RidRecord | None:
+        return self._records.get(rid)
 
     def records(self) -> list[RidRecord]:
         return list(self._records.values())

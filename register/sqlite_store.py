@@ -18,7 +18,7 @@ back as something else.
   one row per key, the tag split in two columns; ``value`` NULL is a
   tombstone. ``WITHOUT ROWID`` keeps a row in the key's b-tree, one b-tree
   per upsert instead of two.
-* ``rids(rid BLOB PRIMARY KEY, key, counter, writer, at) WITHOUT ROWID``:
+* ``rids(rid BLOB PRIMARY KEY, request, counter, writer, at) WITHOUT ROWID``:
   the remembered request ids; ``load`` returns them oldest ``at`` first, the
   order ``rids.RidTable`` expects. No index on ``at``: it is only sorted once,
   at start, and an index would cost on every write.
@@ -95,7 +95,7 @@ _SCHEMA = (
     ) WITHOUT ROWID, STRICT""",
     """CREATE TABLE rids (
         rid BLOB PRIMARY KEY,
-        key BLOB NOT NULL,
+        request BLOB NOT NULL,
         counter INTEGER NOT NULL,
         writer TEXT NOT NULL,
         at REAL NOT NULL
@@ -239,9 +239,9 @@ class SqliteStore:
                 )
             ]
             rids = [
-                RidRecord(rid=rid, key=Key(key), tag=Tag(counter, NodeId(writer)), at=at)
-                for rid, key, counter, writer, at in conn.execute(
-                    "SELECT rid, key, counter, writer, at FROM rids ORDER BY at, rid"
+                RidRecord(rid=rid, request=request, tag=Tag(counter, NodeId(writer)), at=at)
+                for rid, request, counter, writer, at in conn.execute(
+                    "SELECT rid, request, counter, writer, at FROM rids ORDER BY at, rid"
                 )
             ]
         except sqlite3.Error as e:
@@ -272,7 +272,7 @@ class SqliteStore:
                 if batch.rids:
                     conn.executemany(
                         _PUT_RID,
-                        [(r.rid, r.key, r.tag.counter, r.tag.writer, r.at) for r in batch.rids],
+                        [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at) for r in batch.rids],
                     )
                 if batch.rids_dropped:
                     conn.executemany(_DROP_RID, [(rid,) for rid in batch.rids_dropped])

@@ -29,11 +29,12 @@ from quorum.operation import (
     Operation,
     Pending,
     QueryResult,
+    Rejected,
     SendQuery,
     SendStore,
     Step,
 )
-from register.model import Key, NodeId, RidRecord, Tag
+from register.model import Key, NodeId, RidRecord, Tag, request_fingerprint
 from register.rids import RidTable
 from register.state import RegisterState, apply_updates, empty_state
 from tests.support.history import Op
@@ -52,12 +53,14 @@ class SimNode:
     up: bool = True
 
     def query(self, key: Key, rid: bytes | None) -> QueryResult:
-        return self.state.get(key), None if rid is None else self.rids.lookup(rid)
+        record = None if rid is None else self.rids.lookup(rid)
+        return self.state.get(key), None if record is None else (record.tag, record.request)
 
     def store(self, send: SendStore, now: float) -> None:
         self.state = apply_updates(self.state, [(send.key, send.version)])[0]
         if send.rid is not None:
-            self.rids.add([RidRecord(rid=send.rid, key=send.key, tag=send.version.tag, at=now)], now)
+            request = request_fingerprint(send.key, send.version.value)
+            self.rids.add([RidRecord(rid=send.rid, request=request, tag=send.version.tag, at=now)], now)
 
     def issue_tag(self, seen: Tag) -> Tag:
         tag = seen.successor(self.floor, self.id)
@@ -103,6 +106,7 @@ class ClientOp:
     rid: bytes | None
     call: float
     coordination: int | None = None
+    attempts: int = 0
 
 
 @attrs.define
@@ -164,6 +168,7 @@ class Simulation:
             op = Operation.delete(cop.key, nodes, cop.rid, **switches)
         cid = next(self._ids)
         cop.coordination = cid
+        cop.attempts += 1
         self.coordinations[cid] = Coordination(client, node_id, op)
         self.advance(cid, op.start())
 
@@ -176,12 +181,27 @@ class Simulation:
         """The client times out: the op's outcome stays unknown."""
         cop = self.active.pop(client, None)
         if cop is not None:
-            self.history.append(self._op(cop, None, "unknown"))
+            self.record(cop, None, "unknown")
+
+    def record(self, cop: ClientOp, ret: float | None, outcome: str, value: bytes | None = None) -> None:
+        self.history.append(self._op(cop, ret, outcome, value))
+        if cop.kind != "get":
+            # Each earlier attempt of a retried write may still land, with
+            # its own tag, at any later time (the protocol's documented
+            # limit of rid de-duplication): an unknown write of its own.
+            for _ in range(cop.attempts - 1):
+                self.history.append(self._op(cop, None, "unknown"))
 
     def _op(self, cop: ClientOp, ret: float | None, outcome: str, value: bytes | None = None) -> Op:
-        return Op(client=cop.client, kind=cop.kind, key=cop.key,  # type: ignore[arg-type]
-                  value=cop.value if cop.kind == "set" else value, call=cop.call, ret=ret,
-                  outcome=outcome)  # type: ignore[arg-type]
+        return Op(
+            client=cop.client,
+            kind=cop.kind,
+            key=cop.key,  # type: ignore[arg-type]
+            value=cop.value if cop.kind == "set" else value,
+            call=cop.call,
+            ret=ret,
+            outcome=outcome,
+        )  # type: ignore[arg-type]
 
     # --- coordination ------------------------------------------------------------
 
@@ -203,6 +223,9 @@ class Simulation:
                 case Failed():
                     self.finish(cid, "unavailable", None)
                     return
+                case Rejected():
+                    self.finish(cid, "rejected", None)
+                    return
                 case Pending():
                     return
 
@@ -211,11 +234,14 @@ class Simulation:
         cop = self.active.get(co.client)
         if cop is None or cop.coordination != cid:
             return  # nobody is waiting for this answer any more
-        if outcome != "ok":
-            return  # unavailable: the client may retry or give up (unknown)
+        if outcome == "unavailable":
+            return  # the client may retry or give up (unknown)
         del self.active[co.client]
+        if outcome == "rejected":
+            self.record(cop, self.tick(), "fail")
+            return
         value = getattr(result, "value", None) if cop.kind == "get" else None
-        self.history.append(self._op(cop, self.tick(), "ok", value))
+        self.record(cop, self.tick(), "ok", value)
 
     # --- the network ---------------------------------------------------------------
 
@@ -234,20 +260,29 @@ class Simulation:
             else:
                 node.store(message.request, self.tick())
                 reply = True
-            self.wire.append(Message(message.dst, message.src, message.coordination, message.phase, None, reply))
+            self.wire.append(
+                Message(message.dst, message.src, message.coordination, message.phase, None, reply)
+            )
             return
         co = self.coordinations.get(message.coordination)
         if co is None or co.phase != message.phase:
             return  # a straggler
         self.advance(message.coordination, co.op.receive(message.src, message.reply))
 
-    def deliver_where(self, *, src: str | None = None, dst: str | None = None,
-                      kind: type | None = None) -> None:
+    def deliver_where(
+        self, *, src: str | None = None, dst: str | None = None, kind: type | None = None
+    ) -> None:
         """Deliver every message on the wire that matches (scenario tests);
         replies have ``kind`` None."""
+
         def matches(m: Message) -> bool:
-            return ((src is None or m.src == src) and (dst is None or m.dst == dst)
-                    and (kind is None and m.request is None or kind is not None and isinstance(m.request, kind)))
+            return (
+                (src is None or m.src == src)
+                and (dst is None or m.dst == dst)
+                and (
+                    (kind is None and m.request is None) or (kind is not None and isinstance(m.request, kind))
+                )
+            )
 
         for message in [m for m in self.wire if matches(m)]:
             self.deliver(self.wire.index(message))

@@ -15,7 +15,7 @@ from register.model import Key, Versioned
 
 async def wait_serving(cluster: LocalCluster, i: int) -> None:
     with trio.fail_after(10):
-        while cluster.node(i).state != "serving":
+        while cluster.node(i).state != "serving":  # noqa: ASYNC110 - polls another task's state
             await trio.sleep(0.01)
 
 
@@ -116,7 +116,7 @@ async def test_unavailable_within_the_deadline_when_peers_hang() -> None:
         for i in (1, 2):
             cluster.node(i).switches.drop_stores = True
         async with cluster.client([0], timeout=10) as client:
-            with trio.fail_after(5), pytest.raises(Unavailable, match="no majority answered within 0.5 s"):
+            with trio.fail_after(5), pytest.raises(Unavailable, match=r"no majority answered within 0\.5 s"):
                 await client.set(b"k", b"v")
 
 
@@ -199,3 +199,18 @@ async def test_wiped_node_catches_up_before_serving(cluster: LocalCluster) -> No
     assert len(node.replica.state) == 300
     async with cluster.client([0]) as client:
         assert (await client.get(b"k299")).value == b"v299"
+
+
+async def test_a_rid_reused_for_a_different_write_is_refused(cluster: LocalCluster) -> None:
+    from net.errors import BadRequest
+
+    async with cluster.client() as client:
+        tag = await client.set(b"k1", b"x", rid=b"shared-rid-1")
+        with pytest.raises(BadRequest, match="already used"):
+            await client.set(b"k2", b"y", rid=b"shared-rid-1")
+        with pytest.raises(BadRequest, match="already used"):
+            await client.set(b"k1", b"other value", rid=b"shared-rid-1")
+        with pytest.raises(BadRequest, match="already used"):
+            await client.delete(b"k1", rid=b"shared-rid-1")
+        assert not (await client.get(b"k2")).found
+        assert (await client.get(b"k1")).tag == tag

@@ -199,7 +199,7 @@ steps = st.lists(
 
 
 def record(rid: bytes, counter: int, at: float) -> RidRecord:
-    return RidRecord(rid=rid, key=Key(b"k" + rid), tag=Tag(counter, NodeId("n1")), at=at)
+    return RidRecord(rid=rid, request=b"k" + rid, tag=Tag(counter, NodeId("n1")), at=at)
 
 
 # Whole seconds keep the age arithmetic exact (no float rounding at the horizon).
@@ -243,7 +243,7 @@ def test_rid_table_bounded_and_complete(
         assert dropped == expected_dropped
         assert table.records() == list(model.values())
         for rid in kept:
-            assert table.lookup(rid) == model[rid].tag
+            assert table.lookup(rid) == model[rid]
 
 
 def test_rid_readd_keeps_first_tag_and_refreshes_age() -> None:
@@ -252,10 +252,10 @@ def test_rid_readd_keeps_first_tag_and_refreshes_age() -> None:
     assert table.add([record(a, 1, 0.0), record(b, 2, 0.0)], now=0.0) == []
     # re-adding a with another tag: first tag kept, age refreshed
     assert table.add([record(a, 99, 8.0)], now=8.0) == []
-    assert table.lookup(a) == Tag(1, NodeId("n1"))
+    assert (found := table.lookup(a)) is not None and found.tag == Tag(1, NodeId("n1"))
     # at 12, b (stored at 0) is too old; a (refreshed at 8) is not
     assert table.add([], now=12.0) == [b]
-    assert table.lookup(a) == Tag(1, NodeId("n1"))
+    assert (found := table.lookup(a)) is not None and found.tag == Tag(1, NodeId("n1"))
     assert table.lookup(b) is None
 
 

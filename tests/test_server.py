@@ -57,7 +57,9 @@ async def ping_ok(address: Address) -> None:
 
 
 @pytest.mark.parametrize("vector", VECTORS["invalid"], ids=[v["name"] for v in VECTORS["invalid"]])
-async def test_invalid_vector_gets_its_error(cluster: LocalCluster, vector: dict[str, Any], connect: Connect) -> None:
+async def test_invalid_vector_gets_its_error(
+    cluster: LocalCluster, vector: dict[str, Any], connect: Connect
+) -> None:
     address = cluster.addresses[0]
     bystander = await connect(address)
     conn = await connect(address)
@@ -82,7 +84,9 @@ async def test_invalid_vector_gets_its_error(cluster: LocalCluster, vector: dict
     [v for v in VECTORS["valid"] if "op" in v["decoded"]],
     ids=[v["name"] for v in VECTORS["valid"] if "op" in v["decoded"]],
 )
-async def test_valid_request_vector_is_served(cluster: LocalCluster, vector: dict[str, Any], connect: Connect) -> None:
+async def test_valid_request_vector_is_served(
+    cluster: LocalCluster, vector: dict[str, Any], connect: Connect
+) -> None:
     conn = await connect(cluster.addresses[1])
     await conn.send(bytes.fromhex(vector["frame"]))
     reply = await conn.receive()
@@ -101,8 +105,10 @@ async def test_pipelined_requests_are_all_answered_by_id(cluster: LocalCluster, 
     conn = await connect(cluster.addresses[0])
     frames = b""
     for i in range(100):
-        body = msgpack.packb({"op": "set" if i % 2 else "get", "id": i, "key": b"k%d" % (i % 7),
-                              "value": b"v%d" % i}, use_bin_type=True)
+        body = msgpack.packb(
+            {"op": "set" if i % 2 else "get", "id": i, "key": b"k%d" % (i % 7), "value": b"v%d" % i},
+            use_bin_type=True,
+        )
         frames += struct.pack(">I", len(body)) + body
     await conn.send(frames)
     ids = set()
@@ -129,7 +135,9 @@ async def test_connection_cap_refuses_extra_connections(cluster: LocalCluster, c
         assert (await c.request({"op": "ping", "id": 1}))["ok"]
     extra = await connect(address)
     reply = await extra.receive()
-    assert reply is not None and reply["error"] == "unavailable" and "too many connections" in reply["message"]
+    assert (
+        reply is not None and reply["error"] == "unavailable" and "too many connections" in reply["message"]
+    )
     for c in held:
         await c.aclose()
     with trio.fail_after(5):
@@ -177,7 +185,9 @@ async def test_peer_hello_from_a_stranger_is_refused(cluster: LocalCluster, conn
     assert await conn.closed_by_node()
 
 
-async def test_garbage_from_a_fake_peer_closes_only_that_connection(cluster: LocalCluster, connect: Connect) -> None:
+async def test_garbage_from_a_fake_peer_closes_only_that_connection(
+    cluster: LocalCluster, connect: Connect
+) -> None:
     conn = await connect(cluster.addresses[0])
     hello = await conn.request({"op": "peer_hello", "id": 0, "node": "n2"})
     assert hello["ok"] is True

@@ -25,7 +25,7 @@ def v(counter: int, value: bytes | None, writer: str = "n1") -> Versioned:
 
 
 def rid(name: bytes, key: bytes, counter: int, at: float) -> RidRecord:
-    return RidRecord(rid=name, key=Key(key), tag=Tag(counter, NODE), at=at)
+    return RidRecord(rid=name, request=key, tag=Tag(counter, NODE), at=at)
 
 
 def contents(snap: Snapshot) -> tuple[dict[Key, Versioned], dict[bytes, RidRecord], Meta | None]:
@@ -268,7 +268,7 @@ rid_names = st.binary(max_size=2)
 rid_records = st.builds(
     RidRecord,
     rid=rid_names,
-    key=keys,
+    request=st.binary(min_size=16, max_size=16),
     tag=tags,
     at=st.floats(0, 2e9, allow_nan=False, allow_infinity=False),
 )
