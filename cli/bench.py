@@ -135,8 +135,10 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
             elapsed = time.perf_counter() - started if recording else 0.0
             p99 = stats.histogram.percentile(99) / 1000
             phase = "measuring" if recording else "warming up"
-            sys.stderr.write(f"\r{phase}: {elapsed:5.1f}/{work.duration:g} s  {count - last:8,d} ops/s  "
-                             f"p99 {p99:7.2f} ms  errors {sum(stats.errors.values())}   ")
+            sys.stderr.write(
+                f"\r{phase}: {elapsed:5.1f}/{work.duration:g} s  {count - last:8,d} ops/s  "
+                f"p99 {p99:7.2f} ms  errors {sum(stats.errors.values())}   "
+            )
             sys.stderr.flush()
             last = count
 
@@ -173,8 +175,11 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
         "writes": stats.writes,
         "seconds": round(elapsed, 3),
         "ops_per_s": round(ops / elapsed, 1) if elapsed else 0.0,
-        "latency_ms": {name: h.percentile(p) / 1000 for name, p in
-                       (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))} | {"max": h.max / 1000},
+        "latency_ms": {
+            name: h.percentile(p) / 1000
+            for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
+        }
+        | {"max": h.max / 1000},
         "errors": dict(stats.errors),
         "issued": issued,
     }
@@ -213,7 +218,9 @@ def _rss_kib(pid: int) -> int | None:
 
 
 @contextmanager
-def local_cluster(size: int, storage: str, data_dir: Path | None) -> Iterator[tuple[list[Address], list[int]]]:
+def local_cluster(
+    size: int, storage: str, data_dir: Path | None
+) -> Iterator[tuple[list[Address], list[int]]]:
     """Start ``size`` ``qkv serve`` processes on free loopback ports."""
     ports = _free_ports(size)
     root = Path(tempfile.mkdtemp(prefix="qkv-bench-")) if data_dir is None else data_dir
@@ -224,11 +231,23 @@ def local_cluster(size: int, storage: str, data_dir: Path | None) -> Iterator[tu
         for i, port in enumerate(ports):
             peers = [f"--peer=n{j + 1}=127.0.0.1:{p}" for j, p in enumerate(ports) if j != i]
             log = open(root / f"n{i + 1}.log", "ab")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen(
-                [*command, "serve", f"--id=n{i + 1}", f"--listen=127.0.0.1:{port}", *peers,
-                 f"--data-dir={root / f'n{i + 1}'}", f"--storage={storage}", "--log-level=warning"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *command,
+                        "serve",
+                        f"--id=n{i + 1}",
+                        f"--listen=127.0.0.1:{port}",
+                        *peers,
+                        f"--data-dir={root / f'n{i + 1}'}",
+                        f"--storage={storage}",
+                        "--log-level=warning",
+                    ],
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
             log.close()
         addresses = [Address("127.0.0.1", p) for p in ports]
         trio.run(_wait_serving, addresses)
@@ -255,8 +274,9 @@ async def _wait_serving(addresses: list[Address]) -> None:
             await trio.sleep(0.1)
 
 
-def run_bench(nodes: list[Address] | None, local: int | None, storage: str, work: Workload,
-              as_json: bool) -> dict[str, Any]:
+def run_bench(
+    nodes: list[Address] | None, local: int | None, storage: str, work: Workload, as_json: bool
+) -> dict[str, Any]:
     progress = sys.stderr.isatty() and not as_json
     if local is None:
         assert nodes is not None
@@ -267,13 +287,22 @@ def run_bench(nodes: list[Address] | None, local: int | None, storage: str, work
         rss_start = [_rss_kib(pid) for pid in pids]
         report = trio.run(run_load, addresses, work, progress)
         rss_end = [_rss_kib(pid) for pid in pids]
-    report["cluster"] = {"local": local, "storage": storage, "rss_kib_start": rss_start, "rss_kib_end": rss_end}
+    report["cluster"] = {
+        "local": local,
+        "storage": storage,
+        "rss_kib_start": rss_start,
+        "rss_kib_end": rss_end,
+    }
     return report
 
 
 def format_report(report: dict[str, Any], work: Workload) -> str:
     lat = report["latency_ms"]
-    mode = f"open loop at {work.rate:g}/s" if work.rate else f"{work.clients} clients x {work.pipeline} in flight"
+    mode = (
+        f"open loop at {work.rate:g}/s"
+        if work.rate
+        else f"{work.clients} clients x {work.pipeline} in flight"
+    )
     lines = [
         f"workload: {mode}, {work.keys} keys ({work.distribution}), {work.value_size} B values, "
         f"{work.read_ratio:.0%} reads",
@@ -290,5 +319,3 @@ def format_report(report: dict[str, Any], work: Workload) -> str:
 
 def emit(report: dict[str, Any], work: Workload, as_json: bool) -> None:
     click.echo(json.dumps(report) if as_json else format_report(report, work))
-
-

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
@@ -19,6 +20,8 @@ import trio
 from cli.options import address_list, setup_logging
 from net.client import open_client
 from net.errors import QkvError, Unavailable
+
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
@@ -49,7 +52,10 @@ nodes_option = click.option(
     help="Nodes to try in turn, HOST:PORT,... (default: $QKV_NODES, then the local cluster).",
 )
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
     help="Seconds to wait for each node before trying the next.",
 )
 
@@ -120,8 +126,13 @@ def delete(key: str, nodes: str, timeout: float) -> None:
 
 @cli.command()
 @nodes_option
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="Seconds to wait for each node.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for each node.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--quiet", is_flag=True, help="Print nothing; only set the exit status.")
 def status(nodes: str, timeout: float, as_json: bool, quiet: bool) -> None:
@@ -139,20 +150,46 @@ def status(nodes: str, timeout: float, as_json: bool, quiet: bool) -> None:
 # --- servers ------------------------------------------------------------------------
 
 size_options = [
-    click.option("--max-frame", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
-                 help="Largest frame body accepted, in bytes."),
-    click.option("--max-value", type=click.IntRange(min=0), default=1024 * 1024, show_default=True,
-                 help="Largest value accepted, in bytes."),
-    click.option("--request-timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
-                 help="Seconds a request may take before it is answered 'unavailable'."),
-    click.option("--storage", type=click.Choice(["sqlite", "memory"]), default="sqlite", show_default=True,
-                 help="Storage engine. 'memory' keeps nothing across a restart: for tests and benchmarks only."),
-    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-                 show_default=True, help="Least severe log level written to stderr."),
+    click.option(
+        "--max-frame",
+        type=click.IntRange(min=1024),
+        default=2 * 1024 * 1024,
+        show_default=True,
+        help="Largest frame body accepted, in bytes.",
+    ),
+    click.option(
+        "--max-value",
+        type=click.IntRange(min=0),
+        default=1024 * 1024,
+        show_default=True,
+        help="Largest value accepted, in bytes.",
+    ),
+    click.option(
+        "--request-timeout",
+        type=click.FloatRange(min=0.05),
+        default=2.0,
+        show_default=True,
+        help="Seconds a request may take before it is answered 'unavailable'.",
+    ),
+    click.option(
+        "--storage",
+        type=click.Choice(["sqlite", "memory"]),
+        default="sqlite",
+        show_default=True,
+        help="Storage engine. 'memory' keeps nothing across a restart: for tests and benchmarks only.",
+    ),
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help="Least severe log level written to stderr.",
+    ),
 ]
 
 
-def with_size_options(f):  # type: ignore[no-untyped-def]
+def with_size_options(f: Command) -> Command:
+    """Add the options shared by ``serve`` and ``cluster``."""
     for option in reversed(size_options):
         f = option(f)
     return f
@@ -161,81 +198,216 @@ def with_size_options(f):  # type: ignore[no-untyped-def]
 @cli.command()
 @click.option("--id", "node_id", required=True, help="This node's id (letters, digits, - and _).")
 @click.option("--listen", required=True, help="HOST:PORT where clients and peers connect.")
-@click.option("--peer", "peers", multiple=True, metavar="ID=HOST:PORT",
-              help="Another member of the cluster; repeat once per member.")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-              help="Directory for everything the node must not lose (created if missing).")
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="ID=HOST:PORT",
+    help="Another member of the cluster; repeat once per member.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for everything the node must not lose (created if missing).",
+)
+@click.option(
+    "--resp-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the Redis protocol (RESP) here; see docs/resp.md.",
+)
 @with_size_options
-def serve(node_id: str, listen: str, peers: tuple[str, ...], data_dir: Path, max_frame: int,
-          max_value: int, request_timeout: float, storage: str, log_level: str) -> None:
+def serve(
+    node_id: str,
+    listen: str,
+    peers: tuple[str, ...],
+    data_dir: Path,
+    resp_listen: str | None,
+    max_frame: int,
+    max_value: int,
+    request_timeout: float,
+    storage: str,
+    log_level: str,
+) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from cli.serve import NodeSettings, run_node
 
     setup_logging(log_level)
     settings = NodeSettings.from_flags(
-        node_id=node_id, listen=listen, peers=peers, data_dir=None if storage == "memory" else data_dir,
+        node_id=node_id,
+        listen=listen,
+        peers=peers,
+        data_dir=None if storage == "memory" else data_dir,
         max_frame=max_frame,
-        max_value=max_value, request_timeout=request_timeout,
+        max_value=max_value,
+        request_timeout=request_timeout,
+        resp_listen=resp_listen,
     )
     sys.exit(run_node(settings))
 
 
 @cli.command()
-@click.option("--size", type=click.IntRange(min=1, max=15), default=3, show_default=True,
-              help="Number of nodes.")
-@click.option("--base-port", type=click.IntRange(min=1, max=65535 - 15), default=7001, show_default=True,
-              help="Node i listens on 127.0.0.1:BASE_PORT+i-1.")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-              help="Each node stores in DATA_DIR/n<i>.")
+@click.option(
+    "--size", type=click.IntRange(min=1, max=15), default=3, show_default=True, help="Number of nodes."
+)
+@click.option(
+    "--base-port",
+    type=click.IntRange(min=1, max=65535 - 15),
+    default=7001,
+    show_default=True,
+    help="Node i listens on 127.0.0.1:BASE_PORT+i-1.",
+)
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), required=True, help="Each node stores in DATA_DIR/n<i>."
+)
+@click.option(
+    "--resp-base-port",
+    type=click.IntRange(min=1, max=65535 - 15),
+    default=None,
+    help="Node i also serves the Redis protocol on 127.0.0.1:RESP_BASE_PORT+i-1.",
+)
 @with_size_options
-def cluster(size: int, base_port: int, data_dir: Path, max_frame: int, max_value: int,
-            request_timeout: float, storage: str, log_level: str) -> None:
+def cluster(
+    size: int,
+    base_port: int,
+    data_dir: Path,
+    resp_base_port: int | None,
+    max_frame: int,
+    max_value: int,
+    request_timeout: float,
+    storage: str,
+    log_level: str,
+) -> None:
     """Run a local cluster of SIZE nodes in this process until Ctrl-C."""
     from cli.serve import run_local_cluster
 
     setup_logging(log_level)
-    sys.exit(run_local_cluster(size, base_port, None if storage == "memory" else data_dir,
-                               max_frame=max_frame, max_value=max_value, request_timeout=request_timeout))
+    sys.exit(
+        run_local_cluster(
+            size,
+            base_port,
+            None if storage == "memory" else data_dir,
+            resp_base_port=resp_base_port,
+            max_frame=max_frame,
+            max_value=max_value,
+            request_timeout=request_timeout,
+        )
+    )
 
 
 @cli.command()
-@click.option("--nodes", envvar="QKV_NODES", default=None,
-              help="Cluster to load, HOST:PORT,... (default: $QKV_NODES; or use --local).")
-@click.option("--local", type=click.IntRange(min=1, max=9), default=None,
-              help="Start a cluster of this many qkv processes on free loopback ports and load it.")
-@click.option("--storage", type=click.Choice(["sqlite", "memory"]), default="sqlite", show_default=True,
-              help="Storage engine of the --local cluster.")
-@click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Connections, spread over the nodes.")
-@click.option("--pipeline", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Requests in flight per connection.")
-@click.option("--duration", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Measured seconds (after the warm-up).")
-@click.option("--requests", type=click.IntRange(min=1), default=None,
-              help="Stop after this many measured requests instead of --duration.")
+@click.option(
+    "--nodes",
+    envvar="QKV_NODES",
+    default=None,
+    help="Cluster to load, HOST:PORT,... (default: $QKV_NODES; or use --local).",
+)
+@click.option(
+    "--local",
+    type=click.IntRange(min=1, max=9),
+    default=None,
+    help="Start a cluster of this many qkv processes on free loopback ports and load it.",
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["sqlite", "memory"]),
+    default="sqlite",
+    show_default=True,
+    help="Storage engine of the --local cluster.",
+)
+@click.option(
+    "--clients",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Connections, spread over the nodes.",
+)
+@click.option(
+    "--pipeline",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Requests in flight per connection.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Measured seconds (after the warm-up).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many measured requests instead of --duration.",
+)
 @click.option("--keys", type=click.IntRange(min=1), default=5000, show_default=True, help="Key space.")
-@click.option("--distribution", type=click.Choice(["uniform", "zipfian"]), default="uniform",
-              show_default=True, help="How keys are drawn.")
-@click.option("--value-size", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Bytes per value.")
-@click.option("--read-ratio", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Share of gets among requests.")
-@click.option("--rate", type=click.FloatRange(min=1), default=None,
-              help="Open loop: requests per second in all (latency counted from the due time).")
-@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Unmeasured seconds before measuring.")
+@click.option(
+    "--distribution",
+    type=click.Choice(["uniform", "zipfian"]),
+    default="uniform",
+    show_default=True,
+    help="How keys are drawn.",
+)
+@click.option(
+    "--value-size", type=click.IntRange(min=0), default=100, show_default=True, help="Bytes per value."
+)
+@click.option(
+    "--read-ratio",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Share of gets among requests.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Open loop: requests per second in all (latency counted from the due time).",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Unmeasured seconds before measuring.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(nodes: str | None, local: int | None, storage: str, clients: int, pipeline: int,
-          duration: float, requests: int | None, keys: int, distribution: str, value_size: int,
-          read_ratio: float, rate: float | None, warmup: float, as_json: bool) -> None:
+def bench(
+    nodes: str | None,
+    local: int | None,
+    storage: str,
+    clients: int,
+    pipeline: int,
+    duration: float,
+    requests: int | None,
+    keys: int,
+    distribution: str,
+    value_size: int,
+    read_ratio: float,
+    rate: float | None,
+    warmup: float,
+    as_json: bool,
+) -> None:
     """Measure throughput and latency percentiles of a cluster."""
     from cli.bench import Workload, emit, run_bench
 
     if (nodes is None) == (local is None):
         raise click.UsageError("give either --nodes (or QKV_NODES) or --local N")
-    work = Workload(clients=clients, pipeline=pipeline, duration=duration, requests=requests, keys=keys,
-                    distribution=distribution, value_size=value_size, read_ratio=read_ratio, rate=rate,
-                    warmup=warmup)
+    work = Workload(
+        clients=clients,
+        pipeline=pipeline,
+        duration=duration,
+        requests=requests,
+        keys=keys,
+        distribution=distribution,
+        value_size=value_size,
+        read_ratio=read_ratio,
+        rate=rate,
+        warmup=warmup,
+    )
     report = run_bench(None if nodes is None else address_list(nodes), local, storage, work, as_json)
     emit(report, work, as_json)
 
@@ -257,5 +429,3 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
-
-

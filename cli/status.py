@@ -47,12 +47,12 @@ class ClusterStatus:
         return "\n".join(lines)
 
 
-async def ping_all(addresses: list[Address], timeout: float) -> list[NodeStatus]:
-    """Ping every node at once; each answer or failure within ``timeout``."""
+async def ping_all(addresses: list[Address], per_node: float) -> list[NodeStatus]:
+    """Ping every node at once; each answer or failure within ``per_node`` seconds."""
 
     async def ask(address: Address, results: dict[Address, NodeStatus]) -> None:
         try:
-            async with open_client([address], timeout=timeout) as client:
+            async with open_client([address], timeout=per_node) as client:
                 reply = await client.ping(address)
             results[address] = NodeStatus(address, reply.node, reply.state)
         except (PeerUnavailable, QkvError, trio.TooSlowError) as exc:

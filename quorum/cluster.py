@@ -23,7 +23,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 
 from net.address import Address
@@ -81,7 +80,9 @@ class LocalCluster:
     def memory_store(self, i: int) -> MemoryStore | None:
         return self._memory[i]
 
-    def client(self, nodes: list[int] | None = None, *, timeout: float = 5.0) -> AbstractAsyncContextManager[Client]:
+    def client(
+        self, nodes: list[int] | None = None, *, timeout: float = 5.0
+    ) -> AbstractAsyncContextManager[Client]:
         """A fail-over client to the given nodes (default: all)."""
         chosen = range(self.size) if nodes is None else nodes
         return open_client([self.addresses[i] for i in chosen], timeout=timeout)
@@ -122,11 +123,15 @@ class LocalCluster:
         memory = self._memory[i]
         return memory if memory is not None else open_store(self.configs[i])
 
-    async def _run(self, i: int, switches: FaultSwitches | None, *, task_status: trio.TaskStatus[Node]) -> None:
+    async def _run(
+        self, i: int, switches: FaultSwitches | None, *, task_status: trio.TaskStatus[Node]
+    ) -> None:
         config = self.configs[i]
         try:
             listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-            async with open_node(config, store=self._store(i), listeners=listeners, switches=switches) as node:
+            async with open_node(
+                config, store=self._store(i), listeners=listeners, switches=switches
+            ) as node:
                 self._nodes[i] = node
                 task_status.started(node)
                 await node.stopped.wait()
@@ -203,5 +208,3 @@ async def open_cluster(
             with trio.CancelScope(shield=True):
                 await cluster.stop_all()
             nursery.cancel_scope.cancel()
-
-

@@ -39,6 +39,7 @@ from net.server import ServerLimits, error_reply, serve
 from net.stream import FramedReader, Outbox
 from quorum.catch_up import catch_up
 from quorum.coordinator import Coordinator
+from quorum.decide import majority
 from quorum.faults import FaultSwitches
 from quorum.operation import Done, Operation
 from quorum.peer_service import PeerService, SyncSessions
@@ -120,9 +121,15 @@ class Node:
 
     @property
     def state(self) -> str:
+        """``stopping``; ``recovering`` (catching up after a new or lost data
+        dir); ``isolated`` (cannot reach a majority: its peer links are down,
+        for instance just after a start); or ``serving``."""
         if self.draining:
             return "stopping"
-        return "serving" if self.replica.ready else "recovering"
+        if not self.replica.ready:
+            return "recovering"
+        reachable = 1 + sum(1 for link in self.links.values() if link.connected)
+        return "serving" if reachable >= majority(self.config.cluster_size) else "isolated"
 
     # --- the server's handler -----------------------------------------------
 

@@ -11,12 +11,16 @@
 #
 # Environment: QKV_CLUSTER_DIR (default .qkv-cluster), QKV_BASE_PORT (default
 # 7001; node i listens on 127.0.0.1:BASE+i-1), QKV_BIN (default: the
-# project's .venv/bin/qkv, else qkv on PATH), QKV_SERVE_ARGS (extra flags).
+# project's .venv/bin/qkv, else qkv on PATH), QKV_SERVE_ARGS (extra flags),
+# QKV_RESP_BASE_PORT (unset: no RESP; set: node i also serves the Redis
+# protocol on 127.0.0.1:RESP_BASE+i-1, see docs/resp.md).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${QKV_CLUSTER_DIR:-$root/.qkv-cluster}
 base=${QKV_BASE_PORT:-7001}
+resp_base=${QKV_RESP_BASE_PORT:-}
+[[ -z "$resp_base" || "$resp_base" =~ ^[0-9]+$ ]] || { echo "cluster.sh: QKV_RESP_BASE_PORT must be a port number" >&2; exit 1; }
 if [[ -n "${QKV_BIN:-}" ]]; then qkv=$QKV_BIN
 elif [[ -x "$root/.venv/bin/qkv" ]]; then qkv=$root/.venv/bin/qkv
 else qkv=qkv; fi
@@ -30,14 +34,15 @@ nodes_list() { local n i; n=$(size); for ((i = 1; i <= n; i++)); do printf '127.
 check_node() { [[ "$1" =~ ^n[0-9]+$ ]] && (( ${1#n} >= 1 && ${1#n} <= $(size) )) || die "unknown node '$1' (nodes are n1..n$(size))"; }
 
 start_node() {
-    local id=$1 n i peers=()
+    local id=$1 n i peers=() resp=()
     n=$(size)
     alive "$id" && die "$id is already running (pid $(pid_of "$id"))"
     for ((i = 1; i <= n; i++)); do
         [[ "n$i" == "$id" ]] || peers+=(--peer "n$i=127.0.0.1:$((base + i - 1))")
     done
+    [[ -z "$resp_base" ]] || resp=(--resp-listen "127.0.0.1:$((resp_base + ${id#n} - 1))")
     # shellcheck disable=SC2086
-    nohup "$qkv" serve --id "$id" --listen "127.0.0.1:$(port_of "$id")" "${peers[@]}" \
+    nohup "$qkv" serve --id "$id" --listen "127.0.0.1:$(port_of "$id")" "${peers[@]}" "${resp[@]}" \
         --data-dir "$dir/$id/data" ${QKV_SERVE_ARGS:-} >>"$dir/$id.log" 2>&1 </dev/null &
     echo $! >"$dir/$id.pid"
 }
@@ -74,6 +79,7 @@ start)
     for ((i = 1; i <= n; i++)); do start_node "n$i"; done
     wait_serving 30
     echo "cluster of $n nodes serving; QKV_NODES=$(nodes_list)"
+    [[ -z "$resp_base" ]] || echo "RESP on 127.0.0.1 ports $resp_base..$((resp_base + n - 1)) (redis-cli -p $resp_base)"
     ;;
 stop)
     n=$(size)
@@ -93,7 +99,10 @@ kill)
     [[ $# -eq 2 ]] || die "usage: $0 kill NODE"
     check_node "$2"
     alive "$2" || die "$2 is not running"
-    kill -KILL "$(pid_of "$2")"
+    pid=$(pid_of "$2")
+    kill -KILL "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && die "$2 (pid $pid) is still there 5 s after kill -9"
     rm -f "$dir/$2.pid"
     echo "$2 killed"
     ;;
@@ -102,7 +111,13 @@ restart)
     check_node "$2"
     stop_node "$2"
     start_node "$2"
-    echo "$2 restarted (pid $(pid_of "$2"))"
+    deadline=$((SECONDS + 30))
+    until "$qkv" status --nodes "127.0.0.1:$(port_of "$2")" --quiet >/dev/null 2>&1; do
+        alive "$2" || die "$2 exited at start; see $dir/$2.log"
+        (( SECONDS < deadline )) || die "$2 not serving 30 s after restart; see $dir/$2.log"
+        sleep 0.2
+    done
+    echo "$2 restarted and serving (pid $(pid_of "$2"))"
     ;;
 logs)
     [[ $# -eq 2 ]] || die "usage: $0 logs NODE"
@@ -110,7 +125,7 @@ logs)
     cat "$dir/$2.log"
     ;;
 *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     [[ -z "$cmd" || "$cmd" == -h || "$cmd" == --help ]] && exit 0
     exit 2
     ;;

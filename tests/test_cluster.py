@@ -15,7 +15,7 @@ from register.model import Key, Versioned
 
 async def wait_serving(cluster: LocalCluster, i: int) -> None:
     with trio.fail_after(10):
-        while cluster.node(i).state != "serving":  # noqa: ASYNC110 - polls another task's state
+        while cluster.node(i).state != "serving":
             await trio.sleep(0.01)
 
 

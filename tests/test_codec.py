@@ -317,8 +317,21 @@ request_like = st.dictionaries(
     max_size=6,
 ).map(pack)
 peer_fields = st.sampled_from(
-    ["t", "req", "key", "rid", "tag", "value", "rid_tag", "reason", "session", "after", "entries",
-     "next_after", "fresh"]
+    [
+        "t",
+        "req",
+        "key",
+        "rid",
+        "tag",
+        "value",
+        "rid_tag",
+        "reason",
+        "session",
+        "after",
+        "entries",
+        "next_after",
+        "fresh",
+    ]
 )
 peer_like = st.lists(
     st.dictionaries(

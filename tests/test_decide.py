@@ -47,13 +47,15 @@ def test_majority_of_nothing_is_an_error(n: int) -> None:
         majority(n)
 
 
-@given(st.integers(min_value=1, max_value=9).flatmap(
-    lambda n: st.tuples(
-        st.just(n),
-        st.sets(st.integers(0, n - 1), min_size=majority(n)),
-        st.sets(st.integers(0, n - 1), min_size=majority(n)),
+@given(
+    st.integers(min_value=1, max_value=9).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.sets(st.integers(0, n - 1), min_size=majority(n)),
+            st.sets(st.integers(0, n - 1), min_size=majority(n)),
+        )
     )
-))
+)
 def test_two_majorities_intersect(case: tuple[int, set[int], set[int]]) -> None:
     _, a, b = case
     assert a & b
@@ -62,9 +64,9 @@ def test_two_majorities_intersect(case: tuple[int, set[int], set[int]]) -> None:
 # --- Vote ------------------------------------------------------------------
 
 
-def oracle(nodes: frozenset[NodeId], quorum: int | None, evs: list[Event]) -> list[
-    tuple[Decision, dict[NodeId, int]]
-]:
+def oracle(
+    nodes: frozenset[NodeId], quorum: int | None, evs: list[Event]
+) -> list[tuple[Decision, dict[NodeId, int]]]:
     """For every prefix of ``evs``: the decision and the replies it rests on,
     computed from scratch.
 

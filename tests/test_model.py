@@ -280,7 +280,5 @@ def test_rid_table_count_bound_drops_oldest_first() -> None:
 )
 def test_pure_core_does_not_import(modules: list[str], forbidden: str) -> None:
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint({forbidden!r} in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"

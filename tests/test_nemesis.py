@@ -191,10 +191,15 @@ def assert_good(report: NemesisReport) -> None:
 @pytest.mark.subprocess
 @pytest.mark.parametrize("seed", CI_SEEDS)
 async def test_three_nodes_under_every_fault_stay_linearizable(seed: int, tmp_path: Path) -> None:
-    share = PROC_KINDS[CI_SEEDS.index(seed)::len(CI_SEEDS)]
+    share = PROC_KINDS[CI_SEEDS.index(seed) :: len(CI_SEEDS)]
     report = await run_subprocess(
-        tmp_path, nodes=3, seed=seed, duration=CI_FAULT_SECONDS, cover=share,
-        hold=(0.3, 1.2), gap=(0.1, 0.4),
+        tmp_path,
+        nodes=3,
+        seed=seed,
+        duration=CI_FAULT_SECONDS,
+        cover=share,
+        hold=(0.3, 1.2),
+        gap=(0.1, 0.4),
         workload=WorkloadConfig(clients=6, keys=4, timeout=1.5),
     )
     assert_good(report)
@@ -204,8 +209,12 @@ async def test_three_nodes_under_every_fault_stay_linearizable(seed: int, tmp_pa
 @pytest.mark.subprocess
 async def test_five_nodes_under_every_fault_stay_linearizable(tmp_path: Path) -> None:
     report = await run_subprocess(
-        tmp_path, nodes=5, seed=5, duration=CI_FAULT_SECONDS,
-        hold=(0.3, 1.2), gap=(0.1, 0.4),
+        tmp_path,
+        nodes=5,
+        seed=5,
+        duration=CI_FAULT_SECONDS,
+        hold=(0.3, 1.2),
+        gap=(0.1, 0.4),
         workload=WorkloadConfig(clients=8, keys=4, timeout=1.5),
     )
     assert_good(report)
@@ -272,7 +281,7 @@ class Probe:
 
 async def wait_for(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
     with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 - node state has no event
+        while not condition():
             await trio.sleep(0.01)
 
 
@@ -294,12 +303,12 @@ async def lost_write(cluster: LocalCluster, probe: Probe, broken: bool) -> None:
     lost when that node goes down."""
     cluster.node(0).switches.write_quorum = 1 if broken else None
     for i in (1, 2):
-        cluster.node(i).switches.drop_stores = True      # n2, n3 hold back updates
-    assert await probe.set(0, b"v1") is broken            # broken: acknowledged by n1 alone
+        cluster.node(i).switches.drop_stores = True  # n2, n3 hold back updates
+    assert await probe.set(0, b"v1") is broken  # broken: acknowledged by n1 alone
     for i in (1, 2):
         cluster.node(i).switches.drop_stores = False
     await cluster.stop(0, grace=0)
-    assert await probe.get(1)                             # majority {n2, n3}: v1 is not there
+    assert await probe.get(1)  # majority {n2, n3}: v1 is not there
 
 
 async def stale_read(cluster: LocalCluster, probe: Probe, broken: bool) -> None:
@@ -310,21 +319,21 @@ async def stale_read(cluster: LocalCluster, probe: Probe, broken: bool) -> None:
     await wait_for(lambda: all(holds(cluster, i, b"v1") for i in range(3)), "v1 everywhere")
     for i in (1, 2):
         cluster.node(i).switches.drop_stores = True
-    assert not await probe.set(0, b"v2")                  # unknown: stored on n1 only
+    assert not await probe.set(0, b"v2")  # unknown: stored on n1 only
     cluster.node(1).switches.drop_stores = False
     await cluster.stop(2, grace=0)
-    assert await probe.get(0)                             # {n1, n2}: v2, written back unless broken
+    assert await probe.get(0)  # {n1, n2}: v2, written back unless broken
     await cluster.stop(0, grace=0)
     await cluster.start(2)
     await wait_for(lambda: link_up(cluster, 1, 2), "n2 -> n3")
-    assert await probe.get(1)                             # {n2, n3}: broken: v1 again
+    assert await probe.get(1)  # {n2, n3}: broken: v1 again
 
 
 async def read_from_wiped_node(cluster: LocalCluster, probe: Probe, broken: bool) -> None:
     """serve_before_catch_up: a node that lost its data answers queries
     before copying its peers' state, and a read misses an acknowledged write."""
     cluster.node(2).switches.drop_stores = True
-    assert await probe.set(0, b"v1")                      # acknowledged by n1 and n2
+    assert await probe.set(0, b"v1")  # acknowledged by n1 and n2
     cluster.node(2).switches.drop_stores = False
     await cluster.stop(0, grace=0)
     await cluster.stop(1, grace=0)
@@ -351,7 +360,8 @@ async def run_scenario(name: str, broken: bool) -> tuple[list[Op], Probe]:
         background = Workload(
             cluster.addresses,
             WorkloadConfig(clients=3, keys=3, timeout=1.0, key_prefix="bg", think=0.01),
-            seed=17, recorder=recorder,
+            seed=17,
+            recorder=recorder,
         )
         probe = Probe(cluster, recorder)
         stop = trio.Event()
@@ -414,7 +424,8 @@ async def test_a_rid_reused_for_another_key_is_refused_or_written() -> None:
             got = await client.get(b"k2")
             assert got.value == b"new", (
                 f"set k2=new was acknowledged (tag {tag}) but k2 still reads {got.value!r} "
-                f"(tag {got.tag}): the rid was recorded for k1, and its tag was reused for k2")
+                f"(tag {got.tag}): the rid was recorded for k1, and its tag was reused for k2"
+            )
 
 
 async def test_a_rid_reused_with_another_value_does_not_split_the_register() -> None:
@@ -430,9 +441,13 @@ async def test_a_rid_reused_with_another_value_does_not_split_the_register() -> 
             with contextlib.suppress(QkvError):
                 await client.set(PROBE, b"b", rid=RID)
         await cluster.start(1)
-        await wait_for(lambda: all(serving(cluster, i) for i in range(3))
-                       and all(link_up(cluster, i, j) for i in range(3) for j in range(3) if i != j),
-                       "all serving and linked")
+        await wait_for(
+            lambda: (
+                all(serving(cluster, i) for i in range(3))
+                and all(link_up(cluster, i, j) for i in range(3) for j in range(3) if i != j)
+            ),
+            "all serving and linked",
+        )
         held = {cluster.ids[i]: cluster.node(i).replica.get(Key(PROBE)) for i in range(3)}
         by_tag: dict[object, set[bytes | None]] = {}
         for version in held.values():
@@ -443,5 +458,6 @@ async def test_a_rid_reused_with_another_value_does_not_split_the_register() -> 
             async with cluster.client([i]) as client:
                 reads[cluster.ids[i]] = (await client.get(PROBE)).value
         assert all(len(values) == 1 for values in by_tag.values()), (
-            f"one tag names two values: replicas hold {held}; reads through each node: {reads}")
+            f"one tag names two values: replicas hold {held}; reads through each node: {reads}"
+        )
         assert len(set(reads.values())) == 1, f"reads through different nodes disagree: {reads}"

@@ -58,28 +58,55 @@ def _kinds(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tests.torture", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tests.torture",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nodes", type=int, choices=(3, 5), default=3, help="cluster size (default 3)")
-    p.add_argument("--duration", type=float, default=300.0,
-                   help="seconds of faults (default 300; at least long enough to inject every kind once)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=300.0,
+        help="seconds of faults (default 300; at least long enough to inject every kind once)",
+    )
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--keys", type=int, default=5, help="keys they share (default 5)")
-    p.add_argument("--seed", type=int, default=int(time.time()) % 100000,
-                   help="seed of the fault schedule and the workload (default: from the clock)")
-    p.add_argument("--kinds", type=_kinds, default=list(PROC_KINDS),
-                   help="comma-separated fault kinds (default: all: " + ", ".join(PROC_KINDS) + ")")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=int(time.time()) % 100000,
+        help="seed of the fault schedule and the workload (default: from the clock)",
+    )
+    p.add_argument(
+        "--kinds",
+        type=_kinds,
+        default=list(PROC_KINDS),
+        help="comma-separated fault kinds (default: all: " + ", ".join(PROC_KINDS) + ")",
+    )
     p.add_argument("--hold", type=_range, default=(0.5, 4.0), help="LOW,HIGH seconds a fault lasts")
     p.add_argument("--gap", type=_range, default=(0.2, 1.5), help="LOW,HIGH seconds between steps")
-    p.add_argument("--overlap", type=float, default=0.3,
-                   help="probability that a second fault overlaps a step's first (default 0.3)")
-    p.add_argument("--routing", choices=("mixed", "pinned", "failover"), default="mixed",
-                   help="clients pinned to one node, failing over, or half and half (default)")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.3,
+        help="probability that a second fault overlaps a step's first (default 0.3)",
+    )
+    p.add_argument(
+        "--routing",
+        choices=("mixed", "pinned", "failover"),
+        default="mixed",
+        help="clients pinned to one node, failing over, or half and half (default)",
+    )
     p.add_argument("--timeout", type=float, default=1.5, help="client timeout per attempt (s)")
     p.add_argument("--request-timeout", type=float, default=1.0, help="the nodes' --request-timeout (s)")
     p.add_argument("--think", type=float, default=0.0, help="max pause between a client's ops (s)")
-    p.add_argument("--report", type=Path, default=Path("torture-report.txt"),
-                   help="text report path; the JSON goes beside it with .json (default torture-report.txt)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path("torture-report.txt"),
+        help="text report path; the JSON goes beside it with .json (default torture-report.txt)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="node data dirs and logs (default: temporary)")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--quiet", action="store_true", help="do not print each fault as it is injected")
@@ -103,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     qkv = Path(sys.executable).parent / "qkv"
     if not qkv.exists():
-        print(f"torture: {qkv} not found: run with the project's venv (scripts/test.sh installs it)",
-              file=sys.stderr)
+        print(
+            f"torture: {qkv} not found: run with the project's venv (scripts/test.sh installs it)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qkv-torture-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
-    config = WorkloadConfig(clients=args.clients, keys=args.keys, timeout=args.timeout,
-                            routing=args.routing, think=args.think)
+    config = WorkloadConfig(
+        clients=args.clients, keys=args.keys, timeout=args.timeout, routing=args.routing, think=args.think
+    )
     load_before = os.getloadavg()
-    print(f"torture: {args.nodes} nodes, seed {args.seed}, {args.duration:g} s of faults, "
-          f"{args.clients} clients, {args.keys} keys; workdir {workdir}", flush=True)
+    print(
+        f"torture: {args.nodes} nodes, seed {args.seed}, {args.duration:g} s of faults, "
+        f"{args.clients} clients, {args.keys} keys; workdir {workdir}",
+        flush=True,
+    )
     histories: list[list[Op]] = []
     reports: list[NemesisReport] = []
     interrupted: list[str] = []
@@ -134,12 +167,23 @@ def main(argv: list[str] | None = None) -> int:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch)
-                reports.append(await run_subprocess(
-                    workdir / "cluster", nodes=args.nodes, seed=args.seed, duration=args.duration,
-                    workload=config, kinds=args.kinds, request_timeout=args.request_timeout,
-                    hold=args.hold, gap=args.gap, overlap=args.overlap, cover=True,
-                    progress=progress, keep_history=histories,
-                ))
+                reports.append(
+                    await run_subprocess(
+                        workdir / "cluster",
+                        nodes=args.nodes,
+                        seed=args.seed,
+                        duration=args.duration,
+                        workload=config,
+                        kinds=args.kinds,
+                        request_timeout=args.request_timeout,
+                        hold=args.hold,
+                        gap=args.gap,
+                        overlap=args.overlap,
+                        cover=True,
+                        progress=progress,
+                        keep_history=histories,
+                    )
+                )
                 nursery.cancel_scope.cancel()
 
     try:
@@ -153,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     report = reports[0]
     text = report.text()
-    text += f"\n  machine: {os.cpu_count()} cpus, load average {load_before[0]:.2f} before, " \
-            f"{os.getloadavg()[0]:.2f} after"
+    text += (
+        f"\n  machine: {os.cpu_count()} cpus, load average {load_before[0]:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after"
+    )
     data = report.to_json()
     data["machine"] = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()}
     data["arguments"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -166,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.linearizable is False:
         if histories:
             _save_history(workdir / "history.jsonl", histories[0])
-        print(f"torture: NOT LINEARIZABLE (seed {args.seed}); history and node logs in {workdir}",
-              file=sys.stderr)
+        print(
+            f"torture: NOT LINEARIZABLE (seed {args.seed}); history and node logs in {workdir}",
+            file=sys.stderr,
+        )
         return EXIT_VIOLATION
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

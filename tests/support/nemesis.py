@@ -75,31 +75,31 @@ __all__ = [
 
 #: fault kinds on subprocess clusters
 PROC_KINDS: tuple[str, ...] = (
-    "kill9",                # kill -9 one node, restart it after the hold
-    "kill9-majority",       # kill -9 a majority at once
-    "kill9-all",            # kill -9 every node (alone in its step)
-    "pause",                # SIGSTOP one node, SIGCONT after the hold
-    "pause-majority",       # SIGSTOP a majority
-    "wipe",                 # kill -9 one node, delete its data dir, restart it empty (alone)
-    "isolate",              # cut every link of one node, both ways (it is a minority)
+    "kill9",  # kill -9 one node, restart it after the hold
+    "kill9-majority",  # kill -9 a majority at once
+    "kill9-all",  # kill -9 every node (alone in its step)
+    "pause",  # SIGSTOP one node, SIGCONT after the hold
+    "pause-majority",  # SIGSTOP a majority
+    "wipe",  # kill -9 one node, delete its data dir, restart it empty (alone)
+    "isolate",  # cut every link of one node, both ways (it is a minority)
     "isolate-coordinator",  # the same, for a node that pinned clients talk to
-    "split",                # majority | minority groups
-    "no-majority",          # groups none of which is a majority
-    "bridge",               # two sides that only one bridge node connects
-    "one-way",              # one node cannot dial anyone, or nobody can dial it
-    "cut-link",             # one directed link
-    "blackhole",            # every link of one node silently drops bytes
-    "delay",                # latency on the links of one node, or of all
+    "split",  # majority | minority groups
+    "no-majority",  # groups none of which is a majority
+    "bridge",  # two sides that only one bridge node connects
+    "one-way",  # one node cannot dial anyone, or nobody can dial it
+    "cut-link",  # one directed link
+    "blackhole",  # every link of one node silently drops bytes
+    "delay",  # latency on the links of one node, or of all
 )
 
 #: fault kinds on in-process clusters
 LOCAL_KINDS: tuple[str, ...] = (
-    "crash",                 # stop one node at once, restart it after the hold
-    "stop",                  # graceful stop, restart after the hold
-    "crash-majority",        # stop a majority at once
-    "drop-stores",           # one node drops the updates it receives
+    "crash",  # stop one node at once, restart it after the hold
+    "stop",  # graceful stop, restart after the hold
+    "crash-majority",  # stop a majority at once
+    "drop-stores",  # one node drops the updates it receives
     "drop-stores-majority",  # a majority does (writes cannot complete)
-    "wipe",                  # stop, lose the storage, restart empty (alone)
+    "wipe",  # stop, lose the storage, restart empty (alone)
 )
 
 #: kinds that run alone in their step
@@ -234,8 +234,11 @@ class Planner:
         step = [primary]
         if primary.kind not in EXCLUSIVE and rng.random() < self.overlap:
             for _ in range(5):
-                other = self.make(rng.choice(self.kinds), hold=rng.uniform(*self.hold),
-                                  offset=rng.uniform(0, 0.7 * primary.hold))
+                other = self.make(
+                    rng.choice(self.kinds),
+                    hold=rng.uniform(*self.hold),
+                    offset=rng.uniform(0, 0.7 * primary.hold),
+                )
                 if primary.compatible(other):
                     step.append(other)
                     break
@@ -258,8 +261,11 @@ class Planner:
                 return attrs.evolve(f, links=tuple(Mesh.links_of(one, n)), detail=f"n{one + 1} cut off")
             case "isolate-coordinator":
                 node = rng.choice(self.pinned_nodes) if self.pinned_nodes else one
-                return attrs.evolve(f, links=tuple(Mesh.links_of(node, n)),
-                                    detail=f"n{node + 1} (a client's coordinator) cut off")
+                return attrs.evolve(
+                    f,
+                    links=tuple(Mesh.links_of(node, n)),
+                    detail=f"n{node + 1} (a client's coordinator) cut off",
+                )
             case "split":
                 order = rng.sample(everyone, n)
                 groups = [order[:maj], order[maj:]]
@@ -267,15 +273,18 @@ class Planner:
             case "no-majority":
                 order = rng.sample(everyone, n)
                 width = max(1, maj - 1)
-                groups = [order[i:i + width] for i in range(0, n, width)]
+                groups = [order[i : i + width] for i in range(0, n, width)]
                 return attrs.evolve(f, links=tuple(Mesh.links_between(groups)), detail=_groups_text(groups))
             case "bridge":
                 order = rng.sample(everyone, n)
                 bridge, rest = order[0], order[1:]
                 half = len(rest) // 2
                 sides = [rest[:half], rest[half:]]
-                return attrs.evolve(f, links=tuple(Mesh.links_between(sides)),
-                                    detail=f"{_groups_text(sides)} bridged by n{bridge + 1}")
+                return attrs.evolve(
+                    f,
+                    links=tuple(Mesh.links_between(sides)),
+                    detail=f"{_groups_text(sides)} bridged by n{bridge + 1}",
+                )
             case "one-way":
                 if rng.random() < 0.5:
                     links = [(one, j) for j in everyone if j != one]
@@ -290,8 +299,9 @@ class Planner:
             case "delay":
                 latency = rng.uniform(0.01, 0.2)
                 if rng.random() < 0.5:
-                    return attrs.evolve(f, links=tuple(Mesh.links_of(one, n)), latency=latency,
-                                        detail=f"links of n{one + 1}")
+                    return attrs.evolve(
+                        f, links=tuple(Mesh.links_of(one, n)), latency=latency, detail=f"links of n{one + 1}"
+                    )
                 links = [(i, j) for i in everyone for j in everyone if i != j]
                 return attrs.evolve(f, links=tuple(links), latency=latency, detail="every link")
         raise ValueError(f"unknown fault kind {kind!r}")
@@ -310,8 +320,13 @@ class FaultRecord:
 class Nemesis:
     """Runs a ``Planner``'s schedule; subclasses apply and heal faults."""
 
-    def __init__(self, planner: Planner, *, clock: Callable[[], float] = time.monotonic,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        planner: Planner,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.planner = planner
         self.clock = clock
         self.counts: Counter[str] = Counter()
@@ -380,8 +395,9 @@ class Nemesis:
 class ProxiedProcCluster(ProcCluster):
     """A ``ProcCluster`` whose nodes dial each other through ``mesh``."""
 
-    def __init__(self, root: Path, mesh: Mesh, ports: Sequence[int], *,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, root: Path, mesh: Mesh, ports: Sequence[int], *, extra_args: Sequence[str] = ()
+    ) -> None:
         super().__init__(root, mesh.size, extra_args=extra_args, ports=ports)
         self.mesh = mesh
         self.paused: set[int] = set()
@@ -500,14 +516,15 @@ class ProcNemesis(Nemesis):
                 if not await self._wait_serving(i, CATCH_UP_BOUND):
                     self.lagging.append(i)
                     self.anomalies.append(
-                        f"n{i + 1} did not catch up within {CATCH_UP_BOUND:g} s after losing its data")
+                        f"n{i + 1} did not catch up within {CATCH_UP_BOUND:g} s after losing its data"
+                    )
             case _:
                 self.mesh.heal(fault.links)
 
     async def _wait_serving(self, i: int, within: float) -> bool:
         with trio.move_on_after(within):
             # another process's state: polled
-            while (await ping_states([self.cluster.addresses[i]]))[0] != "serving":  # noqa: ASYNC110
+            while (await ping_states([self.cluster.addresses[i]]))[0] != "serving":
                 await trio.sleep(0.1)
             return True
         return False
@@ -565,7 +582,8 @@ class LocalNemesis(Nemesis):
                 await self._start(i)
                 if not await self._wait_serving(i, CATCH_UP_BOUND):
                     self.anomalies.append(
-                        f"n{i + 1} did not catch up within {CATCH_UP_BOUND:g} s after losing its data")
+                        f"n{i + 1} did not catch up within {CATCH_UP_BOUND:g} s after losing its data"
+                    )
             case _:
                 for i in fault.nodes:
                     await self._start(i)
@@ -573,7 +591,7 @@ class LocalNemesis(Nemesis):
     async def _wait_serving(self, i: int, within: float) -> bool:
         with trio.move_on_after(within):
             # a node has no event for "serving": polled
-            while not (self.cluster.running(i) and self.cluster.node(i).state == "serving"):  # noqa: ASYNC110
+            while not (self.cluster.running(i) and self.cluster.node(i).state == "serving"):
                 await trio.sleep(0.02)
             return True
         return False
@@ -631,8 +649,12 @@ class NemesisReport:
     def ok(self) -> bool:
         """Linearizable, every final read answered, no node exited on its
         own or logged an error, every wiped node caught up."""
-        return (bool(self.linearizable) and not self.final_read_failures and not self.anomalies
-                and not self.log_errors)
+        return (
+            bool(self.linearizable)
+            and not self.final_read_failures
+            and not self.anomalies
+            and not self.log_errors
+        )
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self)
@@ -642,8 +664,11 @@ class NemesisReport:
     def text(self) -> str:
         total_faults = sum(self.faults.values())
         fault_share = 100 * self.fault_seconds / self.duration if self.duration else 0.0
-        pinned = sum(1 for c in range(self.clients) if self.routing == "pinned"
-                     or (self.routing == "mixed" and c % 2 == 0))
+        pinned = sum(
+            1
+            for c in range(self.clients)
+            if self.routing == "pinned" or (self.routing == "mixed" and c % 2 == 0)
+        )
         lines = [
             f"nemesis run: {self.cluster} cluster of {self.nodes} nodes, seed {self.seed}, "
             f"{self.clients} clients ({pinned} pinned, {self.clients - pinned} fail-over), {self.keys} keys",
@@ -667,8 +692,13 @@ class NemesisReport:
             f"  final reads {self.final_reads} (retried {self.final_read_retries}, "
             f"never answered {self.final_read_failures})",
             f"  history {self.history_ops} ops; checker: "
-            + ("linearizable" if self.linearizable else "NOT LINEARIZABLE" if self.linearizable is False
-               else "not run")
+            + (
+                "linearizable"
+                if self.linearizable
+                else "NOT LINEARIZABLE"
+                if self.linearizable is False
+                else "not run"
+            )
             + f" ({self.check_seconds:.1f} s)",
         ]
         if self.proxies:
@@ -677,7 +707,8 @@ class NemesisReport:
                 f"  proxies: {p.get('accepted', 0)} connections, {p.get('refused', 0)} refused (cut), "
                 f"{p.get('closed_by_fault', 0)} closed by faults, "
                 f"{p.get('bytes_forwarded', 0) / 1e6:.1f} MB forwarded, "
-                f"{p.get('bytes_dropped', 0) / 1e3:.1f} kB dropped (blackhole)")
+                f"{p.get('bytes_dropped', 0) / 1e3:.1f} kB dropped (blackhole)"
+            )
         lines.append(f"  node logs: {self.log_errors} ERROR/CRITICAL lines or tracebacks")
         lines.extend(f"    {sample}" for sample in self.log_error_samples)
         if self.anomalies:
@@ -696,8 +727,12 @@ def _fill(report: NemesisReport, workload: Workload, nemesis: Nemesis, started: 
     report.steps = nemesis.steps
     report.faults = {k: nemesis.counts.get(k, 0) for k in report.kinds}
     report.schedule = [
-        {"kind": r.fault.kind, "what": r.fault.describe(), "start": round(r.start - started, 3),
-         "end": round(r.end - started, 3)}
+        {
+            "kind": r.fault.kind,
+            "what": r.fault.describe(),
+            "start": round(r.start - started, 3),
+            "end": round(r.end - started, 3),
+        }
         for r in sorted(nemesis.records, key=lambda r: r.start)
     ]
     ops = [op for op in workload.recorder.ops() if op.client < FINAL_CLIENT]
@@ -742,8 +777,9 @@ def _check(report: NemesisReport, history: list[Op]) -> None:
     report.violation = "" if result.ok else result.describe()
 
 
-async def _run_under_nemesis(workload: Workload, nemesis: Nemesis, duration: float,
-                             settle: float) -> tuple[float, float]:
+async def _run_under_nemesis(
+    workload: Workload, nemesis: Nemesis, duration: float, settle: float
+) -> tuple[float, float]:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(workload.run, stop)
@@ -778,8 +814,15 @@ async def run_subprocess(
     wall = time.monotonic()
     config = workload or WorkloadConfig()
     say = progress or (lambda _: None)
-    report = NemesisReport(cluster="subprocess", nodes=nodes, seed=seed, clients=config.clients,
-                           keys=config.keys, routing=config.routing, kinds=list(kinds))
+    report = NemesisReport(
+        cluster="subprocess",
+        nodes=nodes,
+        seed=seed,
+        clients=config.clients,
+        keys=config.keys,
+        routing=config.routing,
+        kinds=list(kinds),
+    )
     ports = pick_ports(nodes)
     targets = [Address(LOOPBACK, p) for p in ports]
     async with open_mesh(targets) as mesh:
@@ -790,8 +833,16 @@ async def run_subprocess(
             await cluster.wait_serving_async(30)
             say(f"{nodes} nodes serving on {cluster.nodes_arg}")
             load = Workload(cluster.addresses, config, seed=seed)
-            planner = Planner(random.Random(seed), kinds, nodes, pinned_nodes=load.pinned_nodes,
-                              hold=hold, gap=gap, overlap=overlap, cover=cover)
+            planner = Planner(
+                random.Random(seed),
+                kinds,
+                nodes,
+                pinned_nodes=load.pinned_nodes,
+                hold=hold,
+                gap=gap,
+                overlap=overlap,
+                cover=cover,
+            )
             nemesis = ProcNemesis(cluster, planner, progress=progress)
             started, ended = await _run_under_nemesis(load, nemesis, duration, settle)
             say("healed; restarting every node (kill -9)")
@@ -825,7 +876,7 @@ def _all_serving(cluster: LocalCluster) -> bool:
 
 async def _local_wait_serving(cluster: LocalCluster, within: float = 20.0) -> None:
     with trio.fail_after(within):
-        while not _all_serving(cluster):  # noqa: ASYNC110 - a node has no event for "serving"
+        while not _all_serving(cluster):
             await trio.sleep(0.02)
 
 
@@ -847,13 +898,28 @@ async def run_in_process(
     """An in-process cluster under a workload and a ``LocalNemesis``."""
     wall = time.monotonic()
     config = workload or WorkloadConfig(timeout=1.0)
-    report = NemesisReport(cluster="in-process", nodes=nodes, seed=seed, clients=config.clients,
-                           keys=config.keys, routing=config.routing, kinds=list(kinds))
+    report = NemesisReport(
+        cluster="in-process",
+        nodes=nodes,
+        seed=seed,
+        clients=config.clients,
+        keys=config.keys,
+        routing=config.routing,
+        kinds=list(kinds),
+    )
     async with open_cluster(nodes, request_timeout=request_timeout) as cluster:
         await _local_wait_serving(cluster)
         load = Workload(cluster.addresses, config, seed=seed)
-        planner = Planner(random.Random(seed), kinds, nodes, pinned_nodes=load.pinned_nodes,
-                          hold=hold, gap=gap, overlap=overlap, cover=cover)
+        planner = Planner(
+            random.Random(seed),
+            kinds,
+            nodes,
+            pinned_nodes=load.pinned_nodes,
+            hold=hold,
+            gap=gap,
+            overlap=overlap,
+            cover=cover,
+        )
         nemesis = LocalNemesis(cluster, planner, progress=progress)
         started, ended = await _run_under_nemesis(load, nemesis, duration, settle)
         with trio.fail_after(HEAL_BOUND):

@@ -16,6 +16,7 @@ loop; inside a trio test use ``await cluster.wait_serving_async()``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "pid_alive",
     "qkv_env",
     "run_qkv",
+    "run_qkv_many",
     "started_cluster",
     "stop_process",
     "wait_serving_addresses",
@@ -139,25 +141,53 @@ def run_qkv(
     return QkvResult(done.returncode, done.stdout, done.stderr.decode("utf-8", "replace"))
 
 
+def run_qkv_many(
+    commands: Mapping[str, Sequence[str | os.PathLike[str]]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    workers: int = 4,
+) -> dict[str, QkvResult]:
+    """Run independent ``qkv`` commands concurrently (each as ``run_qkv``);
+    results by name. Python start-up dominates a short command, so this is
+    much faster than one after the other."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            name: pool.submit(run_qkv, *args, env=env, timeout=timeout) for name, args in commands.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
 # --- processes ----------------------------------------------------------------------
 
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs: ``os.kill(pid, 0)`` finds it and
-    it is not a zombie (exited, waiting to be reaped: where PID 1 does not
-    reap orphans, as in some containers, a dead orphan stays a zombie)."""
+    it is not a zombie (exited, waiting to be reaped: where PID 1 reaps
+    orphans late or never, as in some containers, a dead orphan stays a
+    zombie for a while). A killed process whose leader thread is already a
+    zombie but another thread is still exiting (say, blocked in fsync)
+    still holds its files and locks: it counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    task_dir = Path(f"/proc/{pid}/task")
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = list(task_dir.iterdir())
     except OSError:
         return True  # no /proc (not Linux): trust os.kill
-    # the state follows the parenthesised command name, which may hold spaces
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    for thread in threads:
+        try:
+            stat = (thread / "stat").read_text()
+        except OSError:
+            continue  # that thread is gone
+        # the state follows the parenthesised command name, which may hold spaces
+        if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def stop_process(
@@ -309,7 +339,7 @@ class ProcCluster:
         for proc in running:
             proc.wait(timeout=30)
 
-    def signal(self, i: int, sig: int = signal.SIGTERM) -> None:
+    def send_signal(self, i: int, sig: int = signal.SIGTERM) -> None:
         self.proc(i).send_signal(sig)
 
     def terminate(self, i: int, *, sig: int = signal.SIGTERM, within: float = 10.0) -> int:
@@ -322,6 +352,8 @@ class ProcCluster:
         return self.wait_exit(i, within=within)
 
     def wait_exit(self, i: int, *, within: float = 10.0) -> int:
+        """Wait for node ``i`` to exit (no signal sent); if it has not within
+        ``within`` seconds it is killed and ``AssertionError`` raised."""
         proc = self.proc(i)
         try:
             return proc.wait(timeout=within)
@@ -333,11 +365,17 @@ class ProcCluster:
             ) from None
 
     async def terminate_async(self, i: int, *, sig: int = signal.SIGTERM, within: float = 10.0) -> int:
-        """``terminate`` without blocking the trio loop (the wait runs in a
-        thread)."""
+        """``terminate`` without blocking the trio loop."""
         proc = self.proc(i)
         if proc.poll() is None:
             proc.send_signal(sig)
+        return await self.wait_exit_async(i, within=within)
+
+    async def wait_exit_async(self, i: int, *, within: float = 10.0) -> int:
+        """``wait_exit`` without blocking the trio loop (the wait runs in a
+        thread). Sends no signal: a node signalled twice may be stopped by
+        the second one."""
+        proc = self.proc(i)
         try:
             return await trio.to_thread.run_sync(functools.partial(proc.wait, timeout=within))
         except subprocess.TimeoutExpired:
@@ -395,8 +433,43 @@ class ProcCluster:
         for i in chosen:
             self.proc(i)
         await wait_serving_addresses(
-            [self.addresses[i] for i in chosen], within,
-            procs={self.ids[i]: self.proc(i) for i in chosen}, describe=self.logs_tail,
+            [self.addresses[i] for i in chosen],
+            within,
+            procs={self.ids[i]: self.proc(i) for i in chosen},
+            describe=self.logs_tail,
+        )
+
+    async def wait_coordinating_async(self, within: float = 20.0, nodes: Iterable[int] | None = None) -> None:
+        """Wait until every node in ``nodes`` (default: all) completes a get
+        as coordinator. A node restarted on a ready data dir pings
+        ``serving`` at once, but answers ``unavailable`` until its peer links
+        (which reconnect with backoff) reach a majority."""
+        chosen = list(range(self.size) if nodes is None else nodes)
+        last: dict[str, str] = {}
+
+        async def probe(i: int) -> None:
+            async with open_client([self.addresses[i]], timeout=2.0) as client:
+                while True:
+                    try:
+                        await client.get(b"\x00qkv-test-probe")
+                        return
+                    except (QkvError, PeerUnavailable) as exc:
+                        last[self.ids[i]] = f"{type(exc).__name__}: {exc}"
+                    proc = self.proc(i)
+                    if proc.poll() is not None:
+                        raise AssertionError(
+                            f"{self.ids[i]} exited with status {proc.returncode}\n{self.logs_tail()}"
+                        )
+                    await trio.sleep(0.05)
+
+        with trio.move_on_after(within):
+            async with trio.open_nursery() as nursery:
+                for i in chosen:
+                    nursery.start_soon(probe, i)
+            return
+        raise AssertionError(
+            f"not all of {[self.ids[i] for i in chosen]} coordinate after {within} s: "
+            f"{last}\n{self.logs_tail()}"
         )
 
     def wait_serving(self, within: float = 20.0, nodes: Iterable[int] | None = None) -> None:
@@ -421,7 +494,8 @@ async def wait_serving_addresses(
                 if proc.poll() is not None:
                     raise AssertionError(
                         f"{name} exited with status {proc.returncode} before serving\n"
-                        + (describe() if describe else ""))
+                        + (describe() if describe else "")
+                    )
             states = await ping_states(addresses)
             if all(s == "serving" for s in states):
                 return

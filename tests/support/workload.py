@@ -100,8 +100,14 @@ class WorkloadStats:
 
 
 class Workload:
-    def __init__(self, addresses: Sequence[Address], config: WorkloadConfig, *, seed: int,
-                 recorder: HistoryRecorder | None = None) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[Address],
+        config: WorkloadConfig,
+        *,
+        seed: int,
+        recorder: HistoryRecorder | None = None,
+    ) -> None:
         self.addresses = list(addresses)
         self.config = config
         self.seed = seed
@@ -148,7 +154,8 @@ class Workload:
         async with AsyncExitStack() as stack:
             clients = {
                 i: await stack.enter_async_context(
-                    open_client([self.addresses[i]], timeout=self.config.timeout))
+                    open_client([self.addresses[i]], timeout=self.config.timeout)
+                )
                 for i in order
             }
             preferred = 0
@@ -165,8 +172,17 @@ class Workload:
                 if pause:
                     await trio.sleep(rng.uniform(0, pause))
 
-    async def _operation(self, c: int, clients: dict[int, Client], order: list[int], preferred: int,
-                         kind: Kind, key: bytes, value: bytes | None, rid: bytes) -> tuple[int, bool]:
+    async def _operation(
+        self,
+        c: int,
+        clients: dict[int, Client],
+        order: list[int],
+        preferred: int,
+        kind: Kind,
+        key: bytes,
+        value: bytes | None,
+        rid: bytes,
+    ) -> tuple[int, bool]:
         """One operation, with fail-over for unpinned clients; returns the
         index in ``order`` to start the next operation with, and whether it
         succeeded."""
@@ -195,8 +211,9 @@ class Workload:
                 self.stats.shadows += 1
         return preferred, outcome == "ok"
 
-    async def _attempt(self, client: Client, kind: Kind, key: bytes, value: bytes | None,
-                       rid: bytes) -> tuple[Outcome, bytes | None]:
+    async def _attempt(
+        self, client: Client, kind: Kind, key: bytes, value: bytes | None, rid: bytes
+    ) -> tuple[Outcome, bytes | None]:
         # The client bounds connecting and the request; this guard only
         # catches a hang of the client itself.
         with trio.move_on_after(2 * self.config.timeout + 3):
