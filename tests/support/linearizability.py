@@ -30,12 +30,15 @@ pending means the current prefix is wrong, so backtrack.  A memo of
 fail.  An optional op whose return event is reached may instead be "skipped"
 (resolved without taking effect).  The search is iterative.
 
-Three refinements, each exact (they never change the answer), keep it fast
+Some refinements, each exact (they never change the answer), keep it fast
 with many clients and many unknown writes:
 
 * a pending get that the current state satisfies is linearized at once, with
   no alternatives tried;
-* an optional write is only applied just before a get that reads its value;
+* an unknown write is only applied just before a get that reads its value,
+  and of several with the same effect only the latest-called one is tried;
+* of several pending writes with the same effect, only the one due first is
+  tried, and a write that no pending get reads is linearized at once;
 * a config with fewer optional ops resolved dominates one with more, so the
   memo also prunes configs dominated by one that failed, and optional ops are
   tried after required ones.
@@ -52,19 +55,27 @@ and when ``i > 0`` the initial state is unknown: it may be ``None`` or any
 value written to the key anywhere in the history.  Each of those choices only
 makes the slice easier to linearize than it is inside the full history, so a
 failing slice is a genuine witness that the whole history is not
-linearizable.
+linearizable.  (Context writes that no window get reads are left out, as
+they could only be overwritten unread.)
 
-To find the window cheaply, the full search reports its frontier (the longest
-prefix it managed to linearize); a window around it is doubled until it fails
+To find the window cheaply, the search reports its frontier (how far in time
+it managed to linearize): a window around it is doubled until it fails
 on its own, then its end is moved as early and its start as late as possible
-while it still fails (binary searches, repeated until neither moves).
+while it still fails (binary searches, repeated until neither moves).  Since a
+violation makes the search of the whole history exhaust every ordering of the
+ops before it, which can take long, windows near the frontier are also tried
+periodically while that search runs; a failing one settles the matter.  A
+window's search may be harder than the whole history's (its initial state and
+context are free), so it gets a bounded number of steps and is otherwise
+deemed not to fail: that can only make the window larger, never wrong.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 
 import attrs
 
@@ -82,6 +93,12 @@ _SearchState = State | _Wild
 _SET, _DELETE, _GET = 0, 1, 2
 _KIND_CODE = {"set": _SET, "delete": _DELETE, "get": _GET}
 _LINEARIZED, _FORCED, _SKIPPED = 0, 1, 2
+# Search steps between chances to look for a violation near the frontier.
+_SLICE = 5_000
+# How many slices a window gets before it is deemed not to fail.
+_WINDOW_SLICES = 4
+# Failed optional-op sets remembered per required part and state.
+_DOMINANCE_MASKS = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -143,41 +160,34 @@ def check_key(ops: Sequence[Op]) -> Result:
     relevant = sorted((op for op in ops if _relevant(op)), key=lambda op: (op.call, _ret(op)))
     checker = _KeyChecker(relevant)
     n = len(relevant)
-    ok, frontier = checker.search(0, n)
-    if ok:
-        return Result(ok=True)
-
-    # Every prefix ending at or before the frontier linearizes, so the
-    # violation is near it; windows away from the start of the history are
-    # far cheaper to refute than long prefixes.
-    width = 8
+    search = checker.explore(0, n)
+    last_frontier, stuck = -math.inf, 0
     while True:
-        start, end = max(0, frontier - width), min(n, frontier + width + 1)
-        if (start, end) == (0, n) or checker.fails(start, end):
+        try:
+            frontier = next(search)
+        except StopIteration as stop:
+            ok, frontier = stop.value
+            if ok:
+                return Result(ok=True)
+            found = checker.failing_window_near(checker.index_at(frontier), max_width=n, whole_fails=True)
             break
-        width *= 2
-    # Shrink the end, then the start, until neither moves.  Each binary search
-    # keeps a bound that has been verified to fail, so the window reported is
-    # always a real witness even where failing is not monotonic.
-    while True:
-        lo, hi = start + 1, end
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if checker.fails(start, mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        new_end = hi
-        lo, hi = start, new_end - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if checker.fails(mid, new_end):
-                lo = mid
-            else:
-                hi = mid - 1
-        if (lo, new_end) == (start, end):
-            break
-        start, end = lo, new_end
+        if frontier != last_frontier:
+            last_frontier, stuck = frontier, 0
+            continue
+        # The search is stuck.  A violation makes it exhaust every ordering
+        # of the ops before it, but a window around the frontier usually
+        # refutes it far cheaper.
+        # Look after 1, 2, 4, ... stuck slices, ever wider, so that looking
+        # costs little when the history is merely hard.
+        stuck += 1
+        if stuck & (stuck - 1) == 0:
+            found = checker.failing_window_near(
+                checker.index_at(frontier), max_width=32 * stuck, whole_fails=False
+            )
+            if found is not None:
+                break
+    assert found is not None
+    start, end = checker.shrink(*found)
     return Result(
         ok=False,
         key=relevant[0].key,
@@ -201,8 +211,11 @@ def _ret(op: Op) -> float:
 
 
 class _KeyChecker:
+    """Checks windows ``ops[i:j]`` of one key's relevant ops (in call order)."""
+
     def __init__(self, ops: list[Op]) -> None:
         self.ops = ops
+        self.calls = [op.call for op in ops]
         self.written = frozenset(op.value for op in ops if op.kind == "set" and op.value is not None)
 
     def context(self, i: int, j: int) -> list[Op]:
@@ -213,35 +226,133 @@ class _KeyChecker:
         last_get = max((_ret(op) for op in window if op.kind == "get"), default=-math.inf)
         before = [op for op in self.ops[:i] if op.is_write and _ret(op) >= start]
         after = [op for op in self.ops[j:] if op.is_write and op.call <= last_get]
-        return before + after
+        # A context write that no window get reads can always be left out
+        # (it is overwritten unread, or last).  Unknown writes only ever take
+        # effect right before a get that reads them (see _explore), so keep
+        # at most as many per effect as the window has such gets, preferring
+        # the earliest-called.
+        budget: dict[State, int] = {}
+        for op in window:
+            if op.kind == "get":
+                budget[op.value] = budget.get(op.value, 0) + 1
+        context = []
+        for op in sorted(before + after, key=lambda op: op.call):
+            effect = op.value if op.kind == "set" else None
+            if budget.get(effect, 0) == 0:
+                continue
+            if op.outcome == "unknown":
+                budget[effect] -= 1
+            context.append(op)
+        return context
 
-    def search(self, i: int, j: int) -> tuple[bool, int]:
+    def explore(self, i: int, j: int) -> Generator[float, None, tuple[bool, float]]:
         window = self.ops[i:j]
         context = self.context(i, j)
         optional = [op.outcome != "ok" for op in window] + [True] * len(context)
         initial: _SearchState = None if i == 0 else _Wild.WILD
-        return _search(window + context, optional, initial, self.written)
+        return _explore(window + context, optional, initial, self.written)
+
+    def index_at(self, time: float) -> int:
+        """The last op called at or before ``time`` (or the first op)."""
+        return max(0, bisect.bisect_right(self.calls, time) - 1)
+
+    def search(self, i: int, j: int) -> tuple[bool | None, int]:
+        """Whether window ``ops[i:j]`` linearizes, and where its search got
+        stuck (as an index, see ``index_at``).
+
+        A window can be much harder than the whole history (its initial
+        state and context are free), so the search gives up (None) after
+        ``_WINDOW_SLICES`` slices; failing windows are not missed for long,
+        as the caller then tries wider ones, down to the whole history.
+        """
+        if i >= j:
+            return True, j
+        search = self.explore(i, j)
+        for _ in range(_WINDOW_SLICES):
+            try:
+                next(search)
+            except StopIteration as stop:
+                ok, frontier = stop.value
+                return ok, self.index_at(frontier)
+        return None, i
 
     def fails(self, i: int, j: int) -> bool:
-        return not self.search(i, j)[0]
+        return self.search(i, j)[0] is False
+
+    def failing_window_near(
+        self, frontier: int, *, max_width: int, whole_fails: bool
+    ) -> tuple[int, int] | None:
+        """A failing window around ``frontier``, grown by doubling up to
+        ``max_width`` each side, or None.
+
+        Once some window fails, zoom in on where its own search got stuck:
+        that is where the violation is, and windows starting close to it are
+        refuted much faster than ones that must first be exhausted up to it.
+        """
+        lo, hi, known = 0, len(self.ops), whole_fails
+        width = 8
+        while True:
+            start, end = max(lo, frontier - width), min(hi, frontier + width + 1)
+            if (start, end) == (lo, hi):
+                # Not searched here: either it is known to fail or it is the
+                # whole history, whose search the caller is running.
+                return (lo, hi) if known else None
+            ok, stuck = self.search(start, end)
+            if ok is False:
+                lo, hi, known = start, end, True
+                frontier, width = min(max(stuck, lo), hi - 1), 8
+                continue
+            if not known and width >= max_width:
+                return None
+            width *= 2
+
+    def shrink(self, start: int, end: int) -> tuple[int, int]:
+        """Move the end of a failing window as early, and then its start as
+        late, as possible, until neither moves.
+
+        Each binary search keeps a bound verified to fail, so the result is
+        always a real witness even where failing is not monotonic.
+        """
+        while True:
+            lo, hi = start + 1, end
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.fails(start, mid):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            end = hi
+            lo, hi = start, end - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.fails(mid, end):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == start:
+                return start, end
+            start = lo
 
 
-def _search(
+def _explore(
     ops: Sequence[Op],
     optional: Sequence[bool],
     initial: _SearchState,
     written: frozenset[bytes],
-) -> tuple[bool, int]:
-    """Whether ``ops`` linearize from ``initial`` (see the module docstring).
+) -> Generator[float, None, tuple[bool, float]]:
+    """Search for a linearization of ``ops`` from ``initial``.
 
-    Also returns the frontier: the largest index ``p`` such that some
-    explored partial linearization resolved every required op in
-    ``ops[:p]``.  It is meaningful only when ``ops`` are in call order.
+    Returns whether there is one, and the frontier: the latest time that
+    some explored partial linearization got to, i.e. the latest first
+    pending return.  A violation stops every ordering before the return of
+    some op involved in it, so the frontier points there.  Yields the
+    frontier so far every ``_SLICE`` steps, so that callers can look for a
+    cheaper witness meanwhile.
     """
     required = sum(not o for o in optional)
     if required == 0:
         # Writes always succeed, so nothing can go wrong.
-        return True, len(ops)
+        return True, math.inf
     kinds = [_KIND_CODE[op.kind] for op in ops]
     values = [op.value for op in ops]
     # What each write leaves behind; None for gets, which leave the state.
@@ -256,6 +367,7 @@ def _search(
     nxt = [*range(1, size), -1]
     prv = [-1, *range(size - 1)]
     is_call = [False] * size
+    times = [-math.inf] + [t for t, _, _ in events]
     op_of = [0] * size
     match = [0] * size
     call_node = [0] * len(ops)
@@ -289,107 +401,181 @@ def _search(
     # Lowe's memo, strengthened: a config with fewer optional ops resolved
     # can do anything one with more resolved can (it may still skip them),
     # so a failed config also refutes every config it dominates this way.
-    # Keyed by (required and state part); values are optional-op bitsets.
+    # Failed configs are kept exactly, and also keyed by their required and
+    # state part, with a bounded number of optional-op bitsets each (pruning
+    # less is always safe; scanning long lists would cost more than it saves).
     optional_mask = sum(1 << k for k, o in enumerate(optional) if o)
-    failed: dict[tuple[int, _SearchState], list[int]] = {}
+    failed: set[tuple[int, _SearchState]] = set()
+    failed_optional: dict[tuple[int, _SearchState], list[int]] = {}
 
     def refuted(resolved: int, state: _SearchState) -> bool:
-        masks = failed.get((resolved & ~optional_mask, state))
+        if (resolved, state) in failed:
+            return True
+        masks = failed_optional.get((resolved & ~optional_mask, state))
         if masks is None:
             return False
         extra = ~(resolved & optional_mask)
         return any(not m & extra for m in masks)
 
-    # Values read by the candidate gets of the current config, and the first
-    # pending return; computed on demand, once per config.
-    candidate_reads: tuple[set[State], int] | None = None
+    def refute(resolved: int, state: _SearchState) -> None:
+        failed.add((resolved, state))
+        if optional_mask:
+            masks = failed_optional.setdefault((resolved & ~optional_mask, state), [])
+            if len(masks) < _DOMINANCE_MASKS:
+                masks.append(resolved & optional_mask)
 
-    def observable(c: int) -> bool:
-        # Applying optional write c now is worth trying only if a get could
-        # be linearized right after it and read what it wrote: otherwise, in
-        # any completion, c is either overwritten before being read (so can
-        # be left out) or can be applied later, just before such a get.
-        nonlocal candidate_reads
-        effect = effects[op_of[c]]
-        own_return = match[c]
-        if candidate_reads is None:
+    rets = [_ret(op) for op in ops]
+    # Pending gets per value they read.
+    unread: dict[State, int] = {}
+    for k in range(len(ops)):
+        if kinds[k] == _GET:
+            unread[values[k]] = unread.get(values[k], 0) + 1
+    open_ended = [o and r == math.inf for o, r in zip(optional, rets, strict=True)]
+    # For the current config, computed on demand: the values read by
+    # candidate gets, and per effect the open-ended candidate write called
+    # last and the required candidate write due first.
+    candidates: tuple[set[State], dict[State, int], dict[State, int]] | None = None
+
+    def worth_trying(c: int) -> bool:
+        """Whether linearizing candidate write ``c`` next needs trying: it
+        does not when another move is at least as good in every completion."""
+        nonlocal candidates
+        k = op_of[c]
+        if optional[k] and not open_ended[k]:
+            # Applying it only matters if some get reads it; otherwise it can
+            # be skipped when its return comes.
+            return bool(unread.get(effects[k]))
+        if candidates is None:
             reads: set[State] = set()
+            last_open: dict[State, int] = {}
+            first_due: dict[State, int] = {}
             scan = nxt[0]
             while is_call[scan]:
-                if kinds[op_of[scan]] == _GET:
-                    reads.add(values[op_of[scan]])
+                j = op_of[scan]
+                if kinds[j] == _GET:
+                    reads.add(values[j])
+                elif open_ended[j]:
+                    last_open[effects[j]] = scan
+                elif not optional[j]:
+                    due = first_due.get(effects[j])
+                    # Return nodes are numbered in event order.
+                    if due is None or match[scan] < match[due]:
+                        first_due[effects[j]] = scan
                 scan = nxt[scan]
-            candidate_reads = (reads, scan)
-        if own_return != candidate_reads[1]:
-            return effect in candidate_reads[0]
-        # Resolving c also unblocks the calls up to the next return.
-        scan = nxt[0]
-        while scan != -1 and (is_call[scan] or scan == own_return):
-            if is_call[scan] and kinds[op_of[scan]] == _GET and values[op_of[scan]] == effect:
-                return True
-            scan = nxt[scan]
-        return False
+            candidates = (reads, last_open, first_due)
+        reads, last_open, first_due = candidates
+        effect = effects[k]
+        if not optional[k]:
+            # Required writes with the same effect are interchangeable, and
+            # nothing constrains the order of candidates, so which of them is
+            # still pending matters only through its return time: complete
+            # the one due first.
+            return first_due[effect] == c
+        # An open-ended write never blocks anything and stays a candidate,
+        # so applying it is worth trying only just before a candidate get
+        # that reads it: otherwise, in any completion, it is overwritten
+        # unread (so can be left out) or can be applied later.  And of those
+        # with the same effect, spend the one called last (an earlier one can
+        # go wherever it can), and none while a required one can go instead.
+        return effect in reads and effect not in first_due and last_open[effect] == c
 
     state = initial
     resolved = 0
+    # Each application of an open-ended write is directly followed by a get
+    # reading its effect (see worth_trying), so per effect only as many of
+    # them as there are such gets can ever be used, the earliest-called being
+    # the most flexible; settle the rest up front as never applied.
+    budget = dict(unread)
+    for k in sorted((k for k in range(len(ops)) if open_ended[k]), key=lambda k: ops[k].call):
+        if budget.get(effects[k], 0) > 0:
+            budget[effects[k]] -= 1
+        else:
+            resolved |= 1 << k
+            lift(call_node[k])
     linearized_required = 0
-    frontier = 0
+    frontier = -math.inf
+    steps = 0
     # (call node, state before, how the op was resolved, scan pass)
     stack: list[tuple[int, _SearchState, int, bool]] = []
     # Candidates are scanned in two passes: required ops first, then
     # optional ones, so that leaving optional writes out is explored first
     # and the memo can then cut off most of the branches that apply them.
     node, second_pass = -1, False
+    new: _SearchState = None
     fresh = True
     while True:
         if fresh:
             fresh = False
-            candidate_reads = None
-            head = nxt[0]
-            while head != -1 and is_call[head] and optional[op_of[head]]:
-                head = nxt[head]
-            frontier = max(frontier, op_of[head] if head != -1 and is_call[head] else len(ops))
+            candidates = None
+            steps += 1
+            if steps % _SLICE == 0:
+                yield frontier
             node, second_pass = nxt[0], False
-            # A candidate get that the current state satisfies can go first
-            # in some valid completion if any exists (gets leave the state
-            # alone, and nothing pending had to precede it), so take it with
-            # no alternatives.  Not so from WILD, where a get fixes the state.
-            if state is not _Wild.WILD:
-                scan = node
-                while is_call[scan] and not (kinds[op_of[scan]] == _GET and values[op_of[scan]] == state):
-                    scan = nxt[scan]
-                if is_call[scan]:
-                    k = op_of[scan]
-                    if refuted(resolved | (1 << k), state):
-                        node = -1
-                    else:
-                        stack.append((scan, state, _FORCED, False))
-                        resolved |= 1 << k
-                        linearized_required += 1
-                        if linearized_required == required:
-                            return True, len(ops)
-                        lift(scan)
-                        fresh = True
-                        continue
+            # Moves that can go first in some valid completion if any exists,
+            # so are taken with no alternatives tried:
+            # - a candidate get that the current state satisfies (gets leave
+            #   the state alone, and nothing pending had to precede it);
+            # - failing that, a required candidate write that no pending get
+            #   reads, if the first pending return is a required op's: then
+            #   the completion starts with a write (it cannot start with a
+            #   get, nor skip anything), and a write that is never read can
+            #   move to just before the first write.
+            # Neither holds from WILD, where a get fixes the state.
+            tame = state is not _Wild.WILD
+            forced = unread_write = -1
+            scan = node
+            while is_call[scan]:
+                if tame:
+                    j = op_of[scan]
+                    if kinds[j] == _GET:
+                        if values[j] == state:
+                            forced = scan
+                            break
+                    elif unread_write == -1 and not optional[j] and not unread.get(effects[j]):
+                        unread_write = scan
+                scan = nxt[scan]
+            else:
+                frontier = max(frontier, times[scan])
+                if unread_write != -1 and not optional[op_of[scan]]:
+                    forced = unread_write
+            if forced != -1:
+                k = op_of[forced]
+                new = values[k] if kinds[k] == _GET else effects[k]
+                if refuted(resolved | (1 << k), new):
+                    node = -1
+                else:
+                    stack.append((forced, state, _FORCED, False))
+                    if kinds[k] == _GET:
+                        unread[values[k]] -= 1
+                    state = new
+                    resolved |= 1 << k
+                    linearized_required += 1
+                    if linearized_required == required:
+                        return True, math.inf
+                    lift(forced)
+                    fresh = True
+                    continue
 
         if node != -1:
             k = op_of[node]
             if is_call[node]:
                 if optional[k] == second_pass:
                     if kinds[k] != _GET:
-                        new: _SearchState = effects[k]
-                        legal = not optional[k] or observable(node)
+                        new = effects[k]
+                        legal = worth_trying(node)
                     else:
                         new = values[k]
                         legal = (new is None or new in written) if state is _Wild.WILD else state == new
                     if legal and not refuted(resolved | (1 << k), new):
                         stack.append((node, state, _LINEARIZED, second_pass))
+                        if kinds[k] == _GET:
+                            unread[values[k]] -= 1
                         state = new
                         resolved |= 1 << k
                         if not optional[k]:
                             linearized_required += 1
                             if linearized_required == required:
-                                return True, len(ops)
+                                return True, math.inf
                         lift(node)
                         fresh = True
                         continue
@@ -412,12 +598,14 @@ def _search(
         while True:
             if not stack:
                 return False, frontier
-            failed.setdefault((resolved & ~optional_mask, state), []).append(resolved & optional_mask)
+            refute(resolved, state)
             c, state, how, second_pass = stack.pop()
-            candidate_reads = None
+            candidates = None
             k = op_of[c]
             resolved ^= 1 << k
             unlift(c)
+            if kinds[k] == _GET:
+                unread[values[k]] += 1
             if how != _SKIPPED and not optional[k]:
                 linearized_required -= 1
             if how == _LINEARIZED:
