@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,51 @@ nodes_option = click.option(
     show_default=True,
     help="Nodes to try in turn, HOST:PORT,... (default: $QKV_NODES, then the local cluster).",
 )
+tls_options = [
+    click.option(
+        "--tls-ca",
+        envvar="QKV_TLS_CA",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="Speak TLS, trusting the nodes' certificates signed by this CA (PEM; default $QKV_TLS_CA).",
+    ),
+    click.option(
+        "--tls-cert",
+        envvar="QKV_TLS_CERT",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="A client certificate (PEM) to present, if the nodes want one (default $QKV_TLS_CERT).",
+    ),
+    click.option(
+        "--tls-key",
+        envvar="QKV_TLS_KEY",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="The client certificate's key (PEM; default $QKV_TLS_KEY).",
+    ),
+]
+
+
+def with_tls_options(f: Command) -> Command:
+    """Add the TLS options of the client commands."""
+    for option in reversed(tls_options):
+        f = option(f)
+    return f
+
+
+def _client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext | None:
+    if tls_ca is None:
+        if tls_cert is not None or tls_key is not None:
+            raise click.BadParameter("--tls-cert and --tls-key need --tls-ca")
+        return None
+    from net.tls import client_context
+
+    try:
+        return client_context(tls_ca, tls_cert, tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.BadParameter(f"cannot load the TLS files: {exc}") from None
+
+
 timeout_option = click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
@@ -66,14 +112,21 @@ def _key(text: str) -> bytes:
     return os.fsencode(text)
 
 
-def _run_client(nodes: str, timeout: float, op: str, key: str, value: str | None = None) -> int:
+def _run_client(
+    nodes: str,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+    op: str,
+    key: str,
+    value: str | None = None,
+) -> int:
     addresses = address_list(nodes)
     key_bytes = _key(key)
     if not 1 <= len(key_bytes) <= 1024:
         fail("KEY must be 1 to 1024 bytes", EXIT_USAGE)
 
     async def run() -> int:
-        async with open_client(addresses, timeout=timeout) as client:
+        async with open_client(addresses, timeout=timeout, ssl_context=tls) as client:
             if op == "get":
                 result = await client.get(key_bytes)
                 if not result.found:
@@ -100,9 +153,10 @@ def _run_client(nodes: str, timeout: float, op: str, key: str, value: str | None
 @click.argument("key")
 @nodes_option
 @timeout_option
-def get(key: str, nodes: str, timeout: float) -> None:
+@with_tls_options
+def get(key: str, nodes: str, timeout: float, **tls: Path | None) -> None:
     """Print the value of KEY to stdout, as stored (exit 1 if not found)."""
-    sys.exit(_run_client(nodes, timeout, "get", key))
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "get", key))
 
 
 @cli.command(name="set")
@@ -110,18 +164,20 @@ def get(key: str, nodes: str, timeout: float) -> None:
 @click.argument("value")
 @nodes_option
 @timeout_option
-def set_(key: str, value: str, nodes: str, timeout: float) -> None:
+@with_tls_options
+def set_(key: str, value: str, nodes: str, timeout: float, **tls: Path | None) -> None:
     """Set KEY to VALUE, acknowledged once a majority stored it durably."""
-    sys.exit(_run_client(nodes, timeout, "set", key, value))
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "set", key, value))
 
 
 @cli.command()
 @click.argument("key")
 @nodes_option
 @timeout_option
-def delete(key: str, nodes: str, timeout: float) -> None:
+@with_tls_options
+def delete(key: str, nodes: str, timeout: float, **tls: Path | None) -> None:
     """Delete KEY (it then reads as not found)."""
-    sys.exit(_run_client(nodes, timeout, "delete", key))
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "delete", key))
 
 
 @cli.command()
@@ -135,11 +191,12 @@ def delete(key: str, nodes: str, timeout: float) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--quiet", is_flag=True, help="Print nothing; only set the exit status.")
-def status(nodes: str, timeout: float, as_json: bool, quiet: bool) -> None:
+@with_tls_options
+def status(nodes: str, timeout: float, as_json: bool, quiet: bool, **tls: Path | None) -> None:
     """Ask every node how it is; exit 3 unless a majority is serving."""
     from cli.status import cluster_status
 
-    report = cluster_status(address_list(nodes), timeout)
+    report = cluster_status(address_list(nodes), timeout, _client_tls(**tls))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif not quiet:
@@ -185,6 +242,13 @@ size_options = [
         show_default=True,
         help="Least severe log level written to stderr.",
     ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["kv", "json"]),
+        default="kv",
+        show_default=True,
+        help="Log lines as key=value pairs or as JSON objects, one per event.",
+    ),
 ]
 
 
@@ -196,8 +260,28 @@ def with_size_options(f: Command) -> Command:
 
 
 @cli.command()
-@click.option("--id", "node_id", required=True, help="This node's id (letters, digits, - and _).")
-@click.option("--listen", required=True, help="HOST:PORT where clients and peers connect.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="TOML file with these settings (named like the flags, '_' for '-'); flags win over it.",
+)
+@click.option(
+    "--cluster",
+    "cluster_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help='TOML file listing every member ([nodes] ID = "HOST:PORT"), instead of --peer.',
+)
+@click.option("--id", "node_id", default=None, help="This node's id (letters, digits, - and _). Required.")
+@click.option(
+    "--listen",
+    default=None,
+    help="HOST:PORT where clients and peers connect (default with --cluster: this node's address there).",
+)
 @click.option(
     "--peer",
     "peers",
@@ -208,8 +292,8 @@ def with_size_options(f: Command) -> Command:
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Directory for everything the node must not lose (created if missing).",
+    default=None,
+    help="Directory for everything the node must not lose (created if missing). Required.",
 )
 @click.option(
     "--resp-listen",
@@ -217,34 +301,62 @@ def with_size_options(f: Command) -> Command:
     metavar="HOST:PORT",
     help="Also serve the Redis protocol (RESP) here; see docs/resp.md.",
 )
+@click.option(
+    "--cluster-secret-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="File holding the shared cluster secret (16+ bytes) that peers must prove; see docs/operations.md.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="This node's certificate chain (PEM); with --tls-key and --tls-ca, TLS for every connection.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="This node's private key (PEM).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="The CA (PEM) that signs every node's certificate; peers must present one (mutual TLS).",
+)
+@click.option(
+    "--metrics",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics over HTTP here (GET /metrics); see docs/operations.md.",
+)
 @with_size_options
-def serve(
-    node_id: str,
-    listen: str,
-    peers: tuple[str, ...],
-    data_dir: Path,
-    resp_listen: str | None,
-    max_frame: int,
-    max_value: int,
-    request_timeout: float,
-    storage: str,
-    log_level: str,
-) -> None:
+@click.pass_context
+def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
-    from cli.serve import NodeSettings, run_node
+    from cli.serve import NodeSettings, resolve_flags, run_node
 
-    setup_logging(log_level)
-    settings = NodeSettings.from_flags(
-        node_id=node_id,
-        listen=listen,
-        peers=peers,
-        data_dir=None if storage == "memory" else data_dir,
-        max_frame=max_frame,
-        max_value=max_value,
-        request_timeout=request_timeout,
-        resp_listen=resp_listen,
+    settings = resolve_flags(ctx, flags)
+    setup_logging(settings["log_level"], settings["log_format"])
+    node = NodeSettings.from_flags(
+        node_id=settings["node_id"],
+        listen=settings["listen"],
+        peers=settings["peers"],
+        data_dir=None if settings["storage"] == "memory" else settings["data_dir"],
+        max_frame=settings["max_frame"],
+        max_value=settings["max_value"],
+        request_timeout=settings["request_timeout"],
+        resp_listen=settings["resp_listen"],
+        metrics=settings["metrics"],
+        cluster_secret_file=settings["cluster_secret_file"],
+        tls=(settings["tls_cert"], settings["tls_key"], settings["tls_ca"]),
     )
-    sys.exit(run_node(settings))
+    sys.exit(run_node(node))
 
 
 @cli.command()
@@ -278,11 +390,12 @@ def cluster(
     request_timeout: float,
     storage: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a local cluster of SIZE nodes in this process until Ctrl-C."""
     from cli.serve import run_local_cluster
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     sys.exit(
         run_local_cluster(
             size,

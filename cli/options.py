@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import click
@@ -40,8 +39,8 @@ def parse_peer(text: str) -> tuple[NodeId, Address]:
     return node_id(name), address(addr)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(level: str, log_format: str = "kv") -> None:
+    """Structured logs on stderr (see ``cli.logs``)."""
+    from cli.logs import setup_logging as setup
+
+    setup(level, log_format)

@@ -10,18 +10,23 @@ from __future__ import annotations
 import errno
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import click
 import trio
+from click.core import ParameterSource
 
+from cli.config import load_cluster_file, load_node_file, merge_settings
 from cli.options import address, node_id, parse_peer
 from net.address import Address
+from net.tls import TlsFiles, client_context, server_context
 from quorum.cluster import open_cluster
 from quorum.node import Node, NodeConfig, open_node
+from quorum.peer_auth import read_secret
 from register.model import NodeId
 from register.store import StorageError
 
@@ -46,6 +51,9 @@ class NodeSettings:
         max_value: int,
         request_timeout: float,
         resp_listen: str | None = None,
+        metrics: str | None = None,
+        cluster_secret_file: Path | None = None,
+        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     ) -> NodeSettings:
         me = _node_id(node_id)
         members: dict[NodeId, Address] = {}
@@ -54,6 +62,8 @@ class NodeSettings:
             if peer == me or peer in members:
                 raise click.BadParameter(f"--peer {text!r}: node id {peer!r} given twice")
             members[peer] = addr
+        secret = None if cluster_secret_file is None else _read_secret(Path(cluster_secret_file))
+        tls_files = _tls_files(*tls)
         if max_value + 1024 > max_frame:
             raise click.BadParameter("--max-frame must exceed --max-value by at least 1024 bytes")
         return cls(
@@ -65,16 +75,93 @@ class NodeSettings:
                 max_frame=max_frame,
                 max_value=max_value,
                 request_timeout=request_timeout,
-                resp_listen=None if resp_listen is None else _resp_address(resp_listen),
+                resp_listen=None if resp_listen is None else _flag_address("--resp-listen", resp_listen),
+                metrics_listen=None if metrics is None else _flag_address("--metrics", metrics),
+                cluster_secret=secret,
+                tls=tls_files,
             )
         )
 
 
-def _resp_address(text: str) -> Address:
+#: config file setting -> ``serve`` parameter, where the names differ
+_FILE_NAMES = {"id": "node_id", "cluster": "cluster_file"}
+
+
+def resolve_flags(ctx: click.Context, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """``serve``'s settings from its flags, its ``--config`` file and its
+    ``--cluster`` file: a flag given explicitly wins over the file, the
+    file over the defaults. Raises ``click.BadParameter`` (a usage error)."""
+    explicit = {
+        name
+        for name in flags
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    file_settings: dict[str, Any] = {}
+    config_file: Path | None = flags["config_file"]
+    if config_file is not None:
+        params = {p.name: p for p in ctx.command.params}
+        for key, value in load_node_file(config_file).items():
+            name = _FILE_NAMES.get(key, key)
+            try:
+                file_settings[name] = params[name].type_cast_value(ctx, value)
+            except click.BadParameter as exc:
+                raise click.BadParameter(f"{config_file}: {key}: {exc.message}") from None
+    merged = merge_settings(flags, explicit, file_settings)
+    if merged["node_id"] is None:
+        raise click.BadParameter("--id is required (or 'id' in the --config file)")
+    if merged["data_dir"] is None:
+        raise click.BadParameter("--data-dir is required (or 'data_dir' in the --config file)")
+    cluster_file: Path | None = merged["cluster_file"]
+    if cluster_file is not None:
+        if merged["peers"]:
+            raise click.BadParameter("give the members either with --peer (or 'peers') or with --cluster")
+        members = load_cluster_file(Path(cluster_file))
+        me = _node_id(merged["node_id"])
+        if me not in members:
+            raise click.BadParameter(f"--id: {me!r} is not a member of the cluster in {cluster_file}")
+        merged["peers"] = tuple(f"{peer}={addr}" for peer, addr in members.items() if peer != me)
+        if merged["listen"] is None:
+            merged["listen"] = str(members[me])
+    if merged["listen"] is None:
+        raise click.BadParameter("--listen is required (or 'listen' in the --config file, or --cluster)")
+    return merged
+
+
+def _tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles | None:
+    given = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": ca}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise click.BadParameter(
+            f"TLS needs --tls-cert, --tls-key and --tls-ca; missing {', '.join(missing)}"
+        )
+    assert cert is not None and key is not None and ca is not None
+    files = TlsFiles(cert=Path(cert), key=Path(key), ca=Path(ca))
+    try:
+        server_context(files)
+        client_context(files.ca, files.cert, files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.BadParameter(f"cannot load the TLS files: {exc}") from None
+    return files
+
+
+def _read_secret(path: Path) -> bytes:
+    try:
+        return read_secret(path.read_bytes())
+    except OSError as exc:
+        raise click.BadParameter(
+            f"--cluster-secret-file: cannot read {str(path)!r}: {exc.strerror}"
+        ) from None
+    except ValueError as exc:
+        raise click.BadParameter(f"--cluster-secret-file {str(path)!r}: {exc}") from None
+
+
+def _flag_address(flag: str, text: str) -> Address:
     try:
         return address(text)
     except click.BadParameter as exc:
-        raise click.BadParameter(f"--resp-listen: {exc.message}") from None
+        raise click.BadParameter(f"{flag}: {exc.message}") from None
 
 
 def _node_id(text: str) -> NodeId:
@@ -107,7 +194,8 @@ def _start_error(exc: BaseException, listening_on: str) -> str | None:
 async def _until_signal(nodes: list[Node]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s, stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            log.info("received %s, stopping", name, extra={"event": "signal", "signal": name})
             break
 
         async def stop_all(scope: trio.CancelScope) -> None:
@@ -122,15 +210,38 @@ async def _until_signal(nodes: list[Node]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_all, nursery.cancel_scope)
             async for signum in signals:
-                log.info("received %s while stopping", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                log.info("received %s while stopping", name, extra={"event": "signal", "signal": name})
 
 
 def run_node(settings: NodeSettings) -> int:
     async def main() -> None:
         async with open_node(settings.config) as node:
-            log.info("node %s ready on %s (%s)", node.id, node.address, node.state)
+            log.info(
+                "node %s ready on %s (%s)",
+                node.id,
+                node.address,
+                node.state,
+                extra={"event": "ready", "node": node.id, "address": str(node.address), "state": node.state},
+            )
+            if node.metrics_address is not None:
+                log.info(
+                    "node %s serves metrics on http://%s/metrics",
+                    node.id,
+                    node.metrics_address,
+                    extra={
+                        "event": "metrics_listening",
+                        "node": node.id,
+                        "address": str(node.metrics_address),
+                    },
+                )
             if node.resp_address is not None:
-                log.info("node %s serves RESP on %s", node.id, node.resp_address)
+                log.info(
+                    "node %s serves RESP on %s",
+                    node.id,
+                    node.resp_address,
+                    extra={"event": "resp_listening", "node": node.id, "address": str(node.resp_address)},
+                )
             await _until_signal([node])
 
     return _run(main, str(settings.config.listen))
@@ -146,7 +257,12 @@ def run_local_cluster(
             size, data_dir=data_dir, ports=ports, resp_ports=resp_ports, **overrides
         ) as cluster:
             nodes = ",".join(str(a) for a in cluster.addresses)
-            log.info("cluster of %d ready: QKV_NODES=%s (Ctrl-C stops it)", size, nodes)
+            log.info(
+                "cluster of %d ready: QKV_NODES=%s (Ctrl-C stops it)",
+                size,
+                nodes,
+                extra={"event": "ready", "nodes": nodes},
+            )
             if resp_ports is not None:
                 log.info("RESP on %s", ",".join(str(a) for a in cluster.resp_addresses))
             await _until_signal([cluster.node(i) for i in range(size)])

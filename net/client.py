@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from net.messages import (
 )
 from net.nursery import open_service_nursery
 from net.stream import FramedReader, Outbox
+from net.tls import wrap_client
 from register.model import Key, Tag
 
 __all__ = ["Client", "Connection", "GetResult", "open_client", "open_connection"]
@@ -51,7 +53,7 @@ SEND_TIMEOUT = 30.0
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, address: Address, max_frame: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: Address, max_frame: int) -> None:
         self.address = address
         self._reader = FramedReader(stream, max_frame)
         # Requests go out through one writer task, so that requests made
@@ -144,13 +146,25 @@ class _ConnectionError(Exception):
 
 @asynccontextmanager
 async def open_connection(
-    address: Address, *, max_frame: int = DEFAULT_MAX_FRAME, connect_timeout: float = CONNECT_TIMEOUT
+    address: Address,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Connection]:
     try:
         with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            raw = await trio.open_tcp_stream(address.host, address.port)
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"{address}: cannot connect: {exc or 'timed out'}") from None
+    stream: trio.abc.Stream = raw
+    if ssl_context is not None:
+        try:
+            stream = await wrap_client(raw, ssl_context, address.host)
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            await raw.aclose()
+            cause = exc.__cause__ or exc or "timed out"
+            raise PeerUnavailable(f"{address}: TLS handshake failed: {cause}") from None
     async with stream, open_service_nursery() as nursery:
         connection = Connection(stream, address, max_frame)
         nursery.start_soon(connection._read_replies)
@@ -171,7 +185,15 @@ class GetResult:
 class Client:
     """Fail-over client over a list of nodes (use ``open_client``)."""
 
-    def __init__(self, nodes: Sequence[Address], nursery: trio.Nursery, *, timeout: float) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[Address],
+        nursery: trio.Nursery,
+        *,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.ssl_context = ssl_context
         if not nodes:
             raise ValueError("a client needs at least one node address")
         self.nodes = list(nodes)
@@ -241,7 +263,9 @@ class Client:
                 self._closers[address] = scope
                 try:
                     timeout = min(CONNECT_TIMEOUT, self.timeout)
-                    async with open_connection(address, connect_timeout=timeout) as c:
+                    async with open_connection(
+                        address, connect_timeout=timeout, ssl_context=self.ssl_context
+                    ) as c:
                         outcome.append(c)
                         ready.set()
                         await trio.sleep_forever()
@@ -273,10 +297,12 @@ async def open_client(
     nodes: Sequence[Address],
     *,
     timeout: float = 5.0,  # noqa: ASYNC109 - a limit per attempt, not a deadline of this call
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
-    """A fail-over client; ``timeout`` bounds each attempt on one node."""
+    """A fail-over client; ``timeout`` bounds each attempt on one node;
+    with ``ssl_context`` (see ``net.tls.client_context``) it speaks TLS."""
     async with open_service_nursery() as nursery:
-        client = Client(nodes, nursery, timeout=timeout)
+        client = Client(nodes, nursery, timeout=timeout, ssl_context=ssl_context)
         try:
             yield client
         finally:

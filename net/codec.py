@@ -213,7 +213,15 @@ def decode_request(body: bytes, limits: Limits) -> Request:
             return Ping(id=rid)
         case "peer_hello":
             node = _field(raw, "node", lambda v: type(v) is str and v != "", "a node id", rid)
-            return PeerHello(id=rid, node=NodeId(node))
+            nonce = _field(
+                raw,
+                "nonce",
+                lambda v: type(v) is bytes and 8 <= len(v) <= 64,
+                "bin of 8 to 64 bytes",
+                rid,
+                optional=True,
+            )
+            return PeerHello(id=rid, node=NodeId(node), nonce=nonce)
         case _:
             raise UnknownOp(f"unknown op {op!r}", request_id=rid)
 
@@ -230,8 +238,9 @@ _REQUEST_OPS: Final[dict[type, str]] = {
 def encode_request(request: Request) -> bytes:
     raw: dict[str, Any] = _converter.unstructure(request)
     raw["op"] = _REQUEST_OPS[type(request)]
-    if raw.get("rid", 0) is None:
-        del raw["rid"]
+    for optional in ("rid", "nonce"):
+        if raw.get(optional, 0) is None:
+            del raw[optional]
     return _packb(raw)
 
 
@@ -243,6 +252,9 @@ def encode_reply(reply: Reply) -> bytes:
     raw["ok"] = not isinstance(reply, ErrorReply)
     if isinstance(reply, PingReply):
         raw["protocol"] = PROTOCOL_VERSION
+        for extra in ("stats", "nonce", "proof"):
+            if raw.get(extra) is None:
+                raw.pop(extra, None)
     return _packb(raw)
 
 
@@ -272,6 +284,23 @@ def decode_reply(body: bytes, expected: type[T]) -> T | ErrorReply:
 
 
 # --- node to node ----------------------------------------------------------
+
+
+def encode_peer_auth(proof: bytes) -> bytes:
+    """The dialer's second frame on a cluster with a secret."""
+    return _packb({"op": "peer_auth", "id": 0, "proof": proof})
+
+
+def decode_peer_auth(body: bytes) -> bytes:
+    """The proof of a ``peer_auth`` body; ``MalformedMessage`` otherwise."""
+    try:
+        raw = _unpack(body)
+    except Exception as exc:  # msgpack raises many unrelated types
+        raise MalformedMessage(f"malformed peer_auth: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("op") != "peer_auth" or type(raw.get("proof")) is not bytes:
+        raise MalformedMessage("expected a peer_auth map with a bin 'proof'")
+    proof: bytes = raw["proof"]
+    return proof
 
 
 def encode_peer(message: PeerMessage) -> bytes:

@@ -55,6 +55,8 @@ class PeerHello:
     id: int
     node: NodeId
     protocol: int = PROTOCOL_VERSION
+    #: the dialer's fresh nonce, when it holds a cluster secret
+    nonce: bytes | None = None
 
 
 Request: TypeAlias = Ping | Get | Set | Delete | PeerHello
@@ -64,12 +66,34 @@ WriteRequest: TypeAlias = Set | Delete
 
 
 @attrs.frozen(kw_only=True)
+class NodeStats:
+    """What ``qkv status`` shows of a node (the ``stats`` extra of a ping
+    reply). Rates are per second over the last 10 seconds."""
+
+    keys: int
+    max_counter: int
+    requests: int
+    errors: int
+    request_rate: float
+    error_rate: float
+    uptime: float
+    #: peer id -> ``up`` or ``down`` (this node's outbound link)
+    peers: dict[str, str]
+
+
+@attrs.frozen(kw_only=True)
 class PingReply:
     id: int
     node: NodeId
     protocol: int = PROTOCOL_VERSION
     #: ``serving`` or ``recovering`` (an extra key; clients may ignore it)
     state: str = "serving"
+    #: a qkv extra; left out of the reply when ``None``
+    stats: NodeStats | None = None
+    #: answering a ``peer_hello`` on a node with a cluster secret: its own
+    #: nonce and its proof of the secret (see ``quorum.peer_auth``)
+    nonce: bytes | None = None
+    proof: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)

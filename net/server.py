@@ -20,6 +20,7 @@ session (node-to-node traffic shares the listening port).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -31,8 +32,9 @@ from net.errors import QkvError, TooLarge, Unavailable
 from net.framing import FrameError, FrameTooLarge
 from net.messages import ErrorReply, PeerHello, Reply, Request
 from net.stream import FramedReader, Outbox
+from net.tls import HANDSHAKE_TIMEOUT
 
-__all__ = ["Handler", "ServerLimits", "serve"]
+__all__ = ["Handler", "ServerLimits", "ServerStats", "serve"]
 
 log = logging.getLogger("qkv.server")
 
@@ -44,6 +46,15 @@ class ServerLimits:
     max_connections: int = 1024
     max_inflight: int = 256
     write_timeout: float = 30.0
+
+
+@attrs.define
+class ServerStats:
+    """Connection counts, for metrics."""
+
+    client_connections: int = 0
+    peer_connections: int = 0
+    accepted: int = 0
 
 
 class Handler(Protocol):
@@ -70,13 +81,18 @@ async def serve(
     handler: Handler,
     limits: ServerLimits,
     *,
+    stats: ServerStats | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections on ``listeners`` until cancelled."""
+    """Accept connections on ``listeners`` until cancelled; ``stats`` (if
+    given) is kept up to date. With ``ssl_context`` every connection is TLS,
+    and a peer session needs a verified client certificate."""
     slots = trio.Semaphore(limits.max_connections)
+    counts = stats if stats is not None else ServerStats()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, handler, limits, slots, nursery)
+            nursery.start_soon(_accept_loop, listener, handler, limits, slots, counts, ssl_context, nursery)
         task_status.started()
 
 
@@ -85,6 +101,8 @@ async def _accept_loop(
     handler: Handler,
     limits: ServerLimits,
     slots: trio.Semaphore,
+    stats: ServerStats,
+    ssl_context: ssl.SSLContext | None,
     nursery: trio.Nursery,
 ) -> None:
     async with listener:
@@ -93,16 +111,37 @@ async def _accept_loop(
                 stream = await listener.accept()
             except OSError as exc:
                 # EMFILE and friends: back off instead of spinning.
-                log.warning("accept failed: %s", exc)
+                log.warning("accept failed: %s", exc, extra={"event": "accept_failed", "error": str(exc)})
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(_connection, stream, handler, limits, slots)
+            stats.accepted += 1
+            nursery.start_soon(_connection, stream, handler, limits, slots, stats, ssl_context)
 
 
 async def _connection(
-    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, slots: trio.Semaphore
+    raw: trio.SocketStream,
+    handler: Handler,
+    limits: ServerLimits,
+    slots: trio.Semaphore,
+    stats: ServerStats,
+    ssl_context: ssl.SSLContext | None,
 ) -> None:
-    async with stream:
+    async with raw:
+        stream: trio.abc.Stream = raw
+        # None: no TLS; else whether the client presented a verified certificate
+        certified: bool | None = None
+        if ssl_context is not None:
+            tls = trio.SSLStream(raw, ssl_context, server_side=True)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+                cause = exc.__cause__ or exc
+                log.debug(
+                    "TLS handshake failed: %s", cause, extra={"event": "tls_refused", "error": str(cause)}
+                )
+                return
+            stream, certified = tls, bool(tls.getpeercert())
         try:
             slots.acquire_nowait()
         except trio.WouldBlock:
@@ -110,21 +149,36 @@ async def _connection(
             await _send_final(stream, limits, error_reply(refusal))
             return
         held = [True]
+        peer = [False]
+        stats.client_connections += 1
 
         def release() -> None:
             # A peer link is not a client: it leaves the client cap.
             if held[0]:
                 held[0] = False
                 slots.release()
+                stats.client_connections -= 1
+
+        def become_peer() -> None:
+            release()
+            peer[0] = True
+            stats.peer_connections += 1
 
         try:
-            await _session(stream, handler, limits, release)
+            await _session(stream, handler, limits, become_peer, certified)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass  # the client went away or stopped reading; nothing to answer
-        except* MalformedMessage as group:
-            log.warning("closing a peer connection: %s", group.exceptions[0])
+        except* (MalformedMessage, FrameError) as group:
+            # on a peer session (a client session answers framing errors itself)
+            log.warning(
+                "closing a peer connection: %s",
+                group.exceptions[0],
+                extra={"event": "peer_frame_malformed", "error": str(group.exceptions[0])},
+            )
         finally:
             release()
+            if peer[0]:
+                stats.peer_connections -= 1
 
 
 async def _send_final(stream: trio.abc.SendStream, limits: ServerLimits, reply: ErrorReply) -> None:
@@ -135,7 +189,11 @@ async def _send_final(stream: trio.abc.SendStream, limits: ServerLimits, reply: 
 
 
 async def _session(
-    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, leave_client_cap: Callable[[], None]
+    stream: trio.abc.Stream,
+    handler: Handler,
+    limits: ServerLimits,
+    leave_client_cap: Callable[[], None],
+    certified: bool | None = None,
 ) -> None:
     reader = FramedReader(stream, limits.max_frame)
     request_limits = Limits(max_value=limits.max_value)
@@ -161,6 +219,10 @@ async def _session(
                     message=f"{first.node!r} is not a member of this cluster",
                 ),
             )
+            return
+        if certified is False:
+            message = "a peer connection needs a TLS client certificate signed by the cluster CA"
+            await _send_final(stream, limits, ErrorReply(id=first.id, error="bad_request", message=message))
             return
         leave_client_cap()
         outbox = Outbox(stream, max_frame=limits.max_frame, batch=True, send_timeout=limits.write_timeout)

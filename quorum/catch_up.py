@@ -62,6 +62,7 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
         "copying the state of %d of its peers before answering queries",
         replica.node_id,
         needed,
+        extra={"event": "recovery_start", "node": replica.node_id, "peers_needed": needed},
     )
     copied: set[NodeId] = set()
     fresh: set[NodeId] = set()
@@ -79,7 +80,12 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
             try:
                 was_fresh = await _copy(replica, link)
             except _PageFailed as exc:
-                log.info("catch-up from %s interrupted (%s); retrying", peer, exc)
+                log.info(
+                    "catch-up from %s interrupted (%s); retrying",
+                    peer,
+                    exc,
+                    extra={"event": "recovery_retry", "peer": peer, "error": str(exc)},
+                )
                 await trio.sleep(RETRY_DELAY)
                 continue
             copied.add(peer)
@@ -105,6 +111,7 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
         "node %s caught up from %s and is serving",
         replica.node_id,
         ", ".join(sorted(copied)) or "a fresh cluster",
+        extra={"event": "recovery_done", "node": replica.node_id, "copied_from": ",".join(sorted(copied))},
     )
 
 

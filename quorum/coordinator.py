@@ -72,7 +72,7 @@ class _Run:
         try:
             self._advance(step)
         except Exception as exc:  # a bug: fail this request, not the node
-            log.exception("operation on %r failed", self.op.key)
+            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
             self.finish(Internal(f"{type(exc).__name__}: {exc}"))
 
     def _advance(self, step: Step) -> None:
@@ -132,7 +132,7 @@ class _Run:
         try:
             step = self.op.receive(node, outcome)
         except Exception as exc:
-            log.exception("operation on %r failed", self.op.key)
+            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
             self.finish(Internal(f"{type(exc).__name__}: {exc}"))
             return
         if not isinstance(step, Pending):

@@ -12,8 +12,10 @@ meanwhile, then closes its storage.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -26,6 +28,7 @@ from net.messages import (
     ErrorReply,
     Get,
     GetReply,
+    NodeStats,
     PeerHello,
     Ping,
     PingReply,
@@ -35,16 +38,19 @@ from net.messages import (
     WriteReply,
 )
 from net.nursery import open_service_nursery
-from net.server import ServerLimits, error_reply, serve
+from net.server import ServerLimits, ServerStats, error_reply, serve
 from net.stream import FramedReader, Outbox
+from net.tls import TlsFiles, client_context, server_context
 from quorum.catch_up import catch_up
 from quorum.coordinator import Coordinator
 from quorum.decide import majority
 from quorum.faults import FaultSwitches
+from quorum.metrics import NodeMetrics
 from quorum.operation import Done, Operation
 from quorum.peer_service import PeerService, SyncSessions
 from quorum.peers import PeerLink
 from quorum.replica import Replica
+from quorum.stats import RequestStats
 from register.model import NodeId, Tag
 from register.store import MemoryStore, Store
 
@@ -62,11 +68,18 @@ class NodeConfig:
     data_dir: Path | None = None
     #: where to serve the Redis protocol (RESP) too; None: not at all
     resp_listen: Address | None = None
+    #: where to serve Prometheus metrics over HTTP; None: not at all
+    metrics_listen: Address | None = None
     max_frame: int = 2 * 1024 * 1024
     max_value: int = 1024 * 1024
     request_timeout: float = 2.0
     max_connections: int = 1024
     max_inflight: int = 256
+    #: the shared cluster secret peers prove at connection set-up; None:
+    #: any connection that names a member may open a peer session
+    cluster_secret: bytes | None = attrs.field(default=None, repr=False)
+    #: TLS for every connection, mutual between peers; None: plain TCP
+    tls: TlsFiles | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -96,6 +109,9 @@ class Node:
         self.config = config
         self.id = config.node_id
         self.switches = switches if switches is not None else FaultSwitches()
+        tls = config.tls
+        self.server_tls = None if tls is None else server_context(tls)
+        peer_tls = None if tls is None else client_context(tls.ca, tls.cert, tls.key)
         self.replica = Replica(config.node_id, store)
         self.links = {
             peer: PeerLink(
@@ -104,12 +120,16 @@ class Node:
                 address,
                 max_frame=config.max_frame,
                 send_timeout=config.request_timeout * 5,
+                secret=config.cluster_secret,
+                ssl_context=peer_tls,
             )
             for peer, address in config.peers.items()
         }
         self.coordinator = Coordinator(self.replica, self.links, self.switches, config.request_timeout)
         page_bytes = max(64 * 1024, min(512 * 1024, config.max_frame // 4))
-        self.peer_service = PeerService(self.replica, self.switches, SyncSessions(page_bytes))
+        self.peer_service = PeerService(
+            self.replica, self.switches, SyncSessions(page_bytes), secret=config.cluster_secret
+        )
         self.address = config.listen
         self.resp_address: Address | None = None
         self.draining = False
@@ -118,6 +138,11 @@ class Node:
         self._idle.set()
         self.stopped = trio.Event()
         self._cancel: trio.CancelScope | None = None
+        self.stats = RequestStats(time.monotonic())
+        self.server_stats = ServerStats()
+        self.metrics = NodeMetrics(self)
+        self.replica.on_commit = self.metrics.observe_commit
+        self.metrics_address: Address | None = None
 
     @property
     def state(self) -> str:
@@ -137,14 +162,24 @@ class Node:
         """Start answering ``request``; ``respond`` is called exactly once
         with the reply (perhaps before this returns). Never raises."""
         if isinstance(request, Ping):
-            respond(PingReply(id=request.id, node=self.id, state=self.state))
+            respond(PingReply(id=request.id, node=self.id, state=self.state, stats=self.node_stats()))
             return
+        op_name = _OP_NAMES.get(type(request), "other")
+        started = time.monotonic()
+
+        def answer(reply: Reply) -> None:
+            outcome = reply.error if isinstance(reply, ErrorReply) else "ok"
+            now = time.monotonic()
+            self.stats.record(op_name, outcome, now)
+            self.metrics.observe_request(op_name, outcome, now - started)
+            respond(reply)
+
         if self.draining:
-            respond(error_reply(ShuttingDown("node is shutting down", request_id=request.id)))
+            answer(error_reply(ShuttingDown("node is shutting down", request_id=request.id)))
             return
         if not (self.replica.ready or self.switches.serve_before_catch_up):
             message = f"node {self.id} is recovering (catching up after a new or lost data dir)"
-            respond(error_reply(Unavailable(message, request_id=request.id)))
+            answer(error_reply(Unavailable(message, request_id=request.id)))
             return
         switches = self.switches
         match request:
@@ -157,7 +192,7 @@ class Node:
             case Delete(key=key, rid=rid):
                 op = Operation.delete(key, self.coordinator.nodes, rid, write_quorum=switches.write_quorum)
             case _:
-                respond(ErrorReply(id=request.id, error="bad_request", message="not a client request"))
+                answer(ErrorReply(id=request.id, error="bad_request", message="not a client request"))
                 return
         self.requests_in_flight += 1
         if self._idle.is_set():
@@ -167,9 +202,24 @@ class Node:
             self.requests_in_flight -= 1
             if not self.requests_in_flight:
                 self._idle.set()
-            respond(_reply(request, result))
+            answer(_reply(request, result))
 
         self.coordinator.start(op, finish)
+
+    def node_stats(self) -> NodeStats:
+        """This node's numbers, as ``qkv status`` shows them."""
+        now = time.monotonic()
+        request_rate, error_rate = self.stats.rates(now)
+        return NodeStats(
+            keys=len(self.replica.state),
+            max_counter=self.replica.max_counter,
+            requests=self.stats.requests,
+            errors=self.stats.errors,
+            request_rate=round(request_rate, 3),
+            error_rate=round(error_rate, 3),
+            uptime=round(now - self.stats.started, 3),
+            peers={str(peer): "up" if link.connected else "down" for peer, link in self.links.items()},
+        )
 
     async def handle(self, request: Request) -> Reply:
         """Answer ``request`` (for protocol front ends that await)."""
@@ -198,6 +248,21 @@ class Node:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        config = self.config
+        log.info(
+            "node %s starting: listen %s, %d peers, data dir %s",
+            config.node_id,
+            self.address,
+            len(config.peers),
+            config.data_dir or "(memory)",
+            extra={
+                "event": "start",
+                "node": config.node_id,
+                "listen": str(self.address),
+                "peers": ",".join(f"{p}={a}" for p, a in config.peers.items()),
+                "data_dir": str(config.data_dir or ""),
+            },
+        )
         with trio.CancelScope() as self._cancel:
             try:
                 async with open_service_nursery() as nursery:
@@ -205,7 +270,21 @@ class Node:
                     nursery.start_soon(self.coordinator.run_deadlines)
                     for link in self.links.values():
                         nursery.start_soon(link.run)
-                    await nursery.start(serve, listeners, self, self.config.server_limits)
+                    await nursery.start(
+                        partial(serve, stats=self.server_stats, ssl_context=self.server_tls),
+                        listeners,
+                        self,
+                        self.config.server_limits,
+                    )
+                    if self.config.metrics_listen is not None:
+                        from net.metrics_http import serve_metrics
+
+                        where = self.config.metrics_listen
+                        metrics_listeners = await trio.open_tcp_listeners(where.port, host=where.host)
+                        self.metrics_address = Address(
+                            where.host, metrics_listeners[0].socket.getsockname()[1]
+                        )
+                        await nursery.start(serve_metrics, metrics_listeners, self.metrics.render)
                     if self.config.resp_listen is not None:
                         from net.resp import serve_resp
 
@@ -219,13 +298,19 @@ class Node:
                         self.id,
                         self.address,
                         self.config.cluster_size,
+                        extra={
+                            "event": "listening",
+                            "node": self.id,
+                            "address": str(self.address),
+                            "cluster_size": self.config.cluster_size,
+                        },
                     )
                     task_status.started()
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.replica.store.close)
                 self.stopped.set()
-                log.info("node %s stopped", self.id)
+                log.info("node %s stopped", self.id, extra={"event": "stopped", "node": self.id})
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: refuse new requests, finish those in flight
@@ -235,7 +320,12 @@ class Node:
             return
         if not self.draining:
             self.draining = True
-            log.info("node %s shutting down: %d requests in flight", self.id, self.requests_in_flight)
+            log.info(
+                "node %s shutting down: %d requests in flight",
+                self.id,
+                self.requests_in_flight,
+                extra={"event": "shutdown", "node": self.id, "in_flight": self.requests_in_flight},
+            )
         wait = self.config.request_timeout + 1 if grace is None else grace
         with trio.move_on_after(wait):
             await self._idle.wait()
@@ -273,6 +363,9 @@ async def open_node(
         finally:
             with trio.CancelScope(shield=True):
                 await node.shutdown()
+
+
+_OP_NAMES: dict[type, str] = {Get: "get", Set: "set", Delete: "delete"}
 
 
 def _reply(request: Request, result: Done | QkvError) -> Reply:

@@ -16,13 +16,15 @@ stores updates, durably, which is always safe.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 
 import attrs
 import trio
 
-from net.codec import decode_peer_frame, encode_peer, encode_reply
+from net.codec import MalformedMessage, decode_peer_auth, decode_peer_frame, encode_peer, encode_reply
 from net.messages import (
+    ErrorReply,
     PeerHello,
     PeerMessage,
     PingReply,
@@ -37,6 +39,7 @@ from net.messages import (
 )
 from net.stream import FramedReader, Outbox
 from quorum.faults import FaultSwitches
+from quorum.peer_auth import acceptor_proof, dialer_proof, new_nonce, proof_ok
 from quorum.replica import Replica, Update
 from register.model import Key, NodeId, Versioned
 from register.state import RegisterState
@@ -44,7 +47,11 @@ from register.store import StorageError
 
 __all__ = ["PeerService", "SyncSessions"]
 
+log = logging.getLogger("qkv.peers")
+
 SESSION_IDLE = 60.0
+#: seconds a dialer has to send its proof after the hello reply
+AUTH_TIMEOUT = 5.0
 MAX_SESSIONS = 16
 
 
@@ -105,18 +112,63 @@ def _bisect_after(keys: list[Key], after: bytes) -> int:
 
 
 class PeerService:
-    def __init__(self, replica: Replica, switches: FaultSwitches, sessions: SyncSessions) -> None:
+    def __init__(
+        self,
+        replica: Replica,
+        switches: FaultSwitches,
+        sessions: SyncSessions,
+        secret: bytes | None = None,
+        auth_timeout: float = AUTH_TIMEOUT,
+    ) -> None:
         self.replica = replica
         self.switches = switches
         self.sessions = sessions
+        self.secret = secret
+        self.auth_timeout = auth_timeout
+        self.auth_failures = 0
 
     def hello_reply(self, hello: PeerHello, state: str) -> PingReply:
         return PingReply(id=hello.id, node=self.replica.node_id, state=state)
 
+    def _refuse(self, hello: PeerHello, outbox: Outbox, message: str) -> None:
+        self.auth_failures += 1
+        log.warning(
+            "refused a peer connection claiming to be %s: %s",
+            hello.node,
+            message,
+            extra={"event": "peer_auth_failed", "peer": hello.node, "error": message},
+        )
+        outbox.put(encode_reply(ErrorReply(id=hello.id, error="bad_request", message=message)), alone=True)
+        outbox.close_after_flush()
+
     async def serve(self, hello: PeerHello, reader: FramedReader, outbox: Outbox, state: str) -> None:
-        outbox.put(encode_reply(self.hello_reply(hello, state)), alone=True)
+        reply = self.hello_reply(hello, state)
+        secret = self.secret
+        if secret is not None:
+            if hello.nonce is None:
+                self._refuse(hello, outbox, "peer authentication required: this cluster has a secret")
+                await outbox.run()
+                return
+            nonce = new_nonce()
+            proof = acceptor_proof(secret, hello.nonce, nonce, hello.node, self.replica.node_id)
+            reply = attrs.evolve(reply, nonce=nonce, proof=proof)
+        outbox.put(encode_reply(reply), alone=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(outbox.run)
+            if secret is not None:
+                assert reply.nonce is not None and hello.nonce is not None
+                bodies: list[bytes] = []
+                with trio.move_on_after(self.auth_timeout):
+                    bodies = await reader.receive()
+                try:
+                    received = decode_peer_auth(bodies[0]) if bodies else None
+                except MalformedMessage:
+                    received = None
+                expected = dialer_proof(secret, hello.nonce, reply.nonce, hello.node, self.replica.node_id)
+                if not proof_ok(expected, received):
+                    self._refuse(hello, outbox, "peer authentication failed")
+                    return  # the nursery waits for the refusal to be written
+                reader.unread(bodies[1:])
             while True:
                 await outbox.wait_room()
                 bodies = await reader.receive()

@@ -15,15 +15,24 @@ request waiting on it fails at once. It reconnects with exponential backoff.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 
 import trio
 
 from net.address import Address
-from net.codec import MalformedMessage, decode_peer_frame, decode_reply, encode_request
+from net.codec import (
+    MalformedMessage,
+    decode_peer_frame,
+    decode_reply,
+    encode_peer_auth,
+    encode_request,
+)
 from net.framing import FrameError, encode_frame
 from net.messages import PeerHello, PeerResponse, PingReply
 from net.stream import FramedReader, Outbox
+from net.tls import wrap_client
+from quorum.peer_auth import acceptor_proof, dialer_proof, new_nonce, proof_ok
 from register.model import NodeId
 
 __all__ = ["OnReply", "PeerLink"]
@@ -46,7 +55,11 @@ class PeerLink:
         max_frame: int,
         send_timeout: float,
         outbox_limit: int = 32 * 1024 * 1024,
+        secret: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._secret = secret
+        self._ssl_context = ssl_context
         self.me = me
         self.peer = peer
         self.address = address
@@ -86,7 +99,19 @@ class PeerLink:
                 await self._session()
             except* _LINK_ERRORS as group:
                 level = logging.WARNING if self.up.is_set() else logging.DEBUG
-                log.log(level, "peer %s (%s) down: %s", self.peer, self.address, _first(group))
+                log.log(
+                    level,
+                    "peer %s (%s) down: %s",
+                    self.peer,
+                    self.address,
+                    _first(group),
+                    extra={
+                        "event": "peer_down" if self.up.is_set() else "peer_connect_failed",
+                        "peer": self.peer,
+                        "address": str(self.address),
+                        "error": _first(group),
+                    },
+                )
             finally:
                 was_up = self.up.is_set()
                 self._drop_session()
@@ -105,11 +130,22 @@ class PeerLink:
 
     async def _session(self) -> None:
         with trio.fail_after(CONNECT_TIMEOUT):
-            stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+            raw = await trio.open_tcp_stream(self.address.host, self.address.port)
+        stream: trio.abc.Stream = raw
+        if self._ssl_context is not None:
+            try:
+                stream = await wrap_client(raw, self._ssl_context, self.address.host)
+            except BaseException:
+                await raw.aclose()
+                raise
         async with stream:
             reader = FramedReader(stream, self._max_frame)
+            secret = self._secret
+            nonce = None if secret is None else new_nonce()
             with trio.fail_after(CONNECT_TIMEOUT):
-                await stream.send_all(encode_frame(encode_request(PeerHello(id=0, node=self.me))))
+                await stream.send_all(
+                    encode_frame(encode_request(PeerHello(id=0, node=self.me, nonce=nonce)))
+                )
                 bodies = await reader.receive()
             if not bodies:
                 raise _HandshakeFailed("closed during handshake")
@@ -118,6 +154,15 @@ class PeerLink:
                 raise _HandshakeFailed(f"refused: {hello.error}: {hello.message}")
             if hello.node != self.peer:
                 raise _HandshakeFailed(f"{self.address} is node {hello.node!r}, expected {self.peer!r}")
+            if secret is not None:
+                assert nonce is not None
+                if hello.nonce is None or not proof_ok(
+                    acceptor_proof(secret, nonce, hello.nonce, self.me, self.peer), hello.proof
+                ):
+                    raise _HandshakeFailed(f"{self.peer} did not prove the cluster secret")
+                proof = dialer_proof(secret, nonce, hello.nonce, self.me, self.peer)
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await stream.send_all(encode_frame(encode_peer_auth(proof)))
             reader.unread(bodies[1:])
             self.peer_state = hello.state
             outbox = Outbox(stream, max_frame=self._max_frame, batch=True, send_timeout=self._send_timeout)
@@ -125,7 +170,12 @@ class PeerLink:
                 nursery.start_soon(outbox.run)
                 self._outbox = outbox
                 self.up.set()
-                log.info("peer %s (%s) up", self.peer, self.address)
+                log.info(
+                    "peer %s (%s) up",
+                    self.peer,
+                    self.address,
+                    extra={"event": "peer_up", "peer": self.peer, "address": str(self.address)},
+                )
                 await self._read_replies(reader)
                 nursery.cancel_scope.cancel()
 

@@ -58,13 +58,17 @@ class Replica:
         self.state: RegisterState = apply_updates(empty_state(), snapshot.entries)[0]
         self._pending_drops = self.rids.add(snapshot.rids, time.time())
         # Every tag issued from now on is above what was reserved before.
-        self._floor = max(self.meta.counter_reserved, highest_counter(self.state))
+        #: the largest tag counter held (for ``qkv status``)
+        self.max_counter = highest_counter(self.state)
+        self._floor = max(self.meta.counter_reserved, self.max_counter)
         self._queue: list[tuple[Update, Done | None]] = []
         self._meta_waiters: list[Done] = []
         self._next_meta: Meta | None = None
         self._wakeup = trio.Event()
         self.commits = 0
         self.committed_updates = 0
+        #: called after each durable commit with (seconds, updates) (metrics)
+        self.on_commit: Callable[[float, int], None] | None = None
 
     # --- reads -------------------------------------------------------------
 
@@ -165,6 +169,7 @@ class Replica:
         ]
         batch = Batch(entries=changed, rids=records, rids_dropped=self._pending_drops, meta=meta)
         error: StorageError | None = None
+        began = time.perf_counter()
         if batch:
             try:
                 if self.store.blocking:
@@ -173,14 +178,23 @@ class Replica:
                     self.store.write(batch)
             except StorageError as exc:
                 error = exc
-                log.error("storage write failed, %d updates not acknowledged: %s", len(queue), exc)
+                log.error(
+                    "storage write failed, %d updates not acknowledged: %s",
+                    len(queue),
+                    exc,
+                    extra={"event": "storage_error", "updates": len(queue), "error": str(exc)},
+                )
         if error is None:
             self.state = new_state
+            if changed:
+                self.max_counter = max(self.max_counter, max(v.tag.counter for _, v in changed))
             if meta is not None:
                 self.meta = meta
             self._pending_drops = self.rids.add(records, now)
             self.commits += 1
             self.committed_updates += len(queue)
+            if batch and self.on_commit is not None:
+                self.on_commit(time.perf_counter() - began, len(queue))
         for _, done in queue:
             if done is not None:
                 done(error)

@@ -135,11 +135,23 @@ def test_status_json_shape(cluster: ProcCluster) -> None:
     result = run_qkv("status", "--json", "--nodes", cluster.nodes_arg)
     assert result.returncode == 0, result
     report = json.loads(result.stdout)
-    assert set(report) == {"nodes", "majority_serving"}
-    assert report["majority_serving"] is True
+    assert set(report) == {"nodes", "reachable", "needed", "majority_reachable", "majority_serving"}
+    assert report["majority_serving"] is True and report["majority_reachable"] is True
+    assert (report["reachable"], report["needed"]) == (3, 2)
     assert [n["address"] for n in report["nodes"]] == [cluster.address(i) for i in range(3)]
     assert [n["node"] for n in report["nodes"]] == cluster.ids
-    assert all(n["state"] == "serving" for n in report["nodes"])
+    assert all(n["state"] == "serving" and n["up"] is True for n in report["nodes"])
+    for n in report["nodes"]:
+        assert set(n) == set(STATUS_NODE_KEYS)
+        assert isinstance(n["keys"], int) and isinstance(n["max_counter"], int)
+        assert isinstance(n["request_rate"], float | int) and isinstance(n["errors"], int)
+        assert set(n["peers"]) == set(cluster.ids) - {n["node"]}
+
+
+STATUS_NODE_KEYS = (
+    "address", "node", "up", "state", "error", "keys", "max_counter", "requests", "errors",
+    "request_rate", "error_rate", "uptime", "peers",
+)  # fmt: skip
 
 
 def test_signals_stop_nodes_with_exit_0_and_status_reports_the_loss(tmp_path: Path) -> None:
@@ -148,6 +160,23 @@ def test_signals_stop_nodes_with_exit_0_and_status_reports_the_loss(tmp_path: Pa
         # SIGTERM and SIGINT both stop a serving node gracefully, exit 0
         # (within 10 s: a generous bound only a hang breaks)
         assert c.terminate(0, sig=signal.SIGTERM, within=10) == 0, c.log(0)
+
+        # one node of three down: still a majority, exit 0, the table says who
+        one_down = run_qkv("status", "--json", "--nodes", c.nodes_arg)
+        assert one_down.returncode == 0, one_down
+        report = json.loads(one_down.stdout)
+        assert (report["majority_serving"], report["majority_reachable"], report["reachable"]) == (
+            True,
+            True,
+            2,
+        )
+        assert [n["up"] for n in report["nodes"]] == [False, True, True]
+        assert report["nodes"][0]["keys"] is None and report["nodes"][0]["error"]
+        assert report["nodes"][1]["keys"] == 1 and report["nodes"][1]["max_counter"] >= 1
+        assert report["nodes"][1]["peers"] == {"n1": "down", "n3": "up"}
+        table = run_qkv("status", "--nodes", c.nodes_arg)
+        assert table.returncode == 0 and b"DOWN" in table.stdout and b"majority serving: yes" in table.stdout
+
         assert c.terminate(1, sig=signal.SIGINT, within=10) == 0, c.log(1)
         for i in (0, 1):
             assert "Traceback" not in c.log(i)
@@ -155,7 +184,8 @@ def test_signals_stop_nodes_with_exit_0_and_status_reports_the_loss(tmp_path: Pa
         down = run_qkv("status", "--json", "--nodes", c.nodes_arg)
         assert down.returncode == 3, down
         report = json.loads(down.stdout)
-        assert report["majority_serving"] is False
+        assert report["majority_serving"] is False and report["majority_reachable"] is False
+        assert [n["up"] for n in report["nodes"]] == [False, False, True]
         # the last node is up but cannot reach a majority: it says so
         assert [n["state"] for n in report["nodes"]] == ["unreachable", "unreachable", "isolated"]
         assert report["nodes"][0]["error"] and report["nodes"][2]["error"] is None
@@ -362,7 +392,7 @@ def test_qkv_cluster_with_ports_in_use_fails_with_one_line(tmp_path: Path, taken
             s.close()
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if not line[:4].isdigit()]  # not log lines
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("ts=")]  # not log lines
     assert len(errors) == 1, errors
     assert errors[0].startswith("qkv:") and "in use" in errors[0], errors
 

@@ -51,6 +51,8 @@ async def ping_ok(address: Address) -> None:
     conn = await RawConnection.open(address)
     try:
         reply = await conn.request({"op": "ping", "id": 77})
+        stats = reply.pop("stats")  # qkv's extra for ``qkv status`` (docs/protocol.md)
+        assert isinstance(stats, dict) and {"keys", "max_counter", "requests", "peers"} <= stats.keys()
         assert reply == {"id": 77, "ok": True, "node": reply["node"], "protocol": 1, "state": "serving"}
     finally:
         await conn.aclose()
