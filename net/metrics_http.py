@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from net.server import accept_connections
+
 __all__ = ["CONTENT_TYPE", "serve_metrics"]
 
 log = logging.getLogger("qkv.metrics")
@@ -33,31 +35,19 @@ async def serve_metrics(
 ) -> None:
     """Answer scrapes on ``listeners`` until cancelled."""
     slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.aclose()
+            return
+        await _answer(stream, render, slots)
+
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, render, slots, nursery)
+            nursery.start_soon(accept_connections, listener, nursery, connection, "metrics")
         task_status.started()
-
-
-async def _accept_loop(
-    listener: trio.SocketListener, render: Callable[[], bytes], slots: trio.Semaphore, nursery: trio.Nursery
-) -> None:
-    async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                log.warning(
-                    "metrics accept failed: %s", exc, extra={"event": "accept_failed", "error": str(exc)}
-                )
-                await trio.sleep(0.1)
-                continue
-            try:
-                slots.acquire_nowait()
-            except trio.WouldBlock:
-                await stream.aclose()
-                continue
-            nursery.start_soon(_answer, stream, render, slots)
 
 
 async def _answer(stream: trio.SocketStream, render: Callable[[], bytes], slots: trio.Semaphore) -> None:

@@ -61,7 +61,7 @@ import trio
 
 from net.address import Address
 from net.messages import Delete, ErrorReply, Get, GetReply, Reply, Request, Set, WriteReply
-from net.server import ServerLimits
+from net.server import ServerLimits, accept_connections
 from register.model import Key, Versioned
 
 __all__ = [
@@ -505,7 +505,7 @@ async def serve_resp(
     server = _Server(node, limits)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(server.accept_loop, listener, nursery)
+            nursery.start_soon(accept_connections, listener, nursery, server.connection, "RESP")
         task_status.started()
 
 
@@ -523,18 +523,6 @@ class _Server:
     @property
     def connected(self) -> int:
         return self.limits.max_connections - self.slots.value
-
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    # EMFILE and friends: back off instead of spinning.
-                    log.warning("RESP accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self.connection, stream)
 
     async def connection(self, stream: trio.SocketStream) -> None:
         async with stream:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -90,32 +90,37 @@ async def serve(
     and a peer session needs a verified client certificate."""
     slots = trio.Semaphore(limits.max_connections)
     counts = stats if stats is not None else ServerStats()
+
+    async def connection(stream: trio.SocketStream) -> None:
+        counts.accepted += 1
+        await _connection(stream, handler, limits, slots, counts, ssl_context)
+
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, handler, limits, slots, counts, ssl_context, nursery)
+            nursery.start_soon(accept_connections, listener, nursery, connection, "client")
         task_status.started()
 
 
-async def _accept_loop(
+async def accept_connections(
     listener: trio.SocketListener,
-    handler: Handler,
-    limits: ServerLimits,
-    slots: trio.Semaphore,
-    stats: ServerStats,
-    ssl_context: ssl.SSLContext | None,
     nursery: trio.Nursery,
+    connection: Callable[[trio.SocketStream], Awaitable[object]],
+    what: str,
 ) -> None:
+    """Accept on ``listener`` until cancelled, running ``connection`` for
+    each new stream in ``nursery``; shared by every listener of a node."""
     async with listener:
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:
                 # EMFILE and friends: back off instead of spinning.
-                log.warning("accept failed: %s", exc, extra={"event": "accept_failed", "error": str(exc)})
+                log.warning(
+                    "%s accept failed: %s", what, exc, extra={"event": "accept_failed", "error": str(exc)}
+                )
                 await trio.sleep(0.1)
                 continue
-            stats.accepted += 1
-            nursery.start_soon(_connection, stream, handler, limits, slots, stats, ssl_context)
+            nursery.start_soon(connection, stream)
 
 
 async def _connection(
