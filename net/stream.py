@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
+import trio.testing
 
 from net.codec import peer_frame_body, peer_frame_overhead
 from net.framing import HEADER_SIZE, FrameDecoder, encode_frame
@@ -31,6 +32,7 @@ RECEIVE_SIZE = 64 * 1024
 #: each pass is pure overhead (a set cost 2.1 ms of CPU with one pass, 2.6
 #: with three). One pass, until the writer can tell how busy it is.
 COALESCING_PASSES = 1
+COALESCING_DELAY = 0.002
 
 
 class FramedReader:
@@ -121,8 +123,8 @@ class Outbox:
                 # queue their messages too: one send for all of them. A send
                 # (and waking the receiver) costs far more than a message,
                 # and an idle scheduler pass costs only microseconds.
-                for _ in range(COALESCING_PASSES):
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                with trio.move_on_after(COALESCING_DELAY):
+                    await trio.testing.wait_all_tasks_blocked()
                 continue
             queue, self._queue = self._queue, []
             self._queued_bytes = 0
