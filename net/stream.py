@@ -1,20 +1,34 @@
 """Frames over a trio stream: a reader, and an outbox with one writer.
 
-``FramedReader`` turns ``receive_some`` chunks into whole frame bodies,
-decoding every frame that a read brought in (many per read under load).
+``FramedReader`` turns received chunks into whole frame bodies, decoding
+every frame that a read brought in (many per read under load).
 
 ``Outbox`` is the only writer of a connection. Producers ``put`` encoded
 messages without blocking; the writer task takes everything queued and
-sends it in one ``send_all``: many replies per write for clients, and for
-peer links many messages per frame as well (``batch=True``). A frame never
+sends it in one write: many replies per write for clients, and for peer
+links many messages per frame as well (``batch=True``). A frame never
 exceeds ``max_frame``; a message too big to share a frame travels alone.
 Producers that could outrun the network wait on ``wait_room`` first, which
 bounds the memory one connection can take (back-pressure, never an
 unbounded buffer).
+
+Why the writer waits for an idle scheduler: on loopback, and more so in a
+VM, a ``send`` is the most expensive thing a request does (the kernel runs
+the receiver's side of TCP and wakes its process), far dearer than a
+scheduler pass. So a woken writer lets every task that has work finish it
+first (``wait_all_tasks_blocked``): the replies and quorum messages of
+everything read in the meantime leave in one write. An idle node pays one
+extra pass; a busy one is never held back longer than ``COALESCING_DELAY``.
+
+Plain TCP connections skip trio's stream layers on the hot path: a read or
+a write is tried at once on the non-blocking socket, and only when it
+would block does the task wait for the socket (``wait_readable`` /
+``wait_writable``). TLS connections go through their ``SSLStream``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import trio
@@ -26,20 +40,33 @@ from net.framing import HEADER_SIZE, FrameDecoder, encode_frame
 __all__ = ["FramedReader", "Outbox"]
 
 RECEIVE_SIZE = 64 * 1024
-#: scheduler passes a writer lets go by before sending. Measured in-process:
-#: at 64 requests in flight, Python calls per set fell from 1,500 with one
-#: pass to 1,260 with three and 1,150 with six; at one request in flight
-#: each pass is pure overhead (a set cost 2.1 ms of CPU with one pass, 2.6
-#: with three). One pass, until the writer can tell how busy it is.
-COALESCING_PASSES = 1
+#: the longest a woken writer waits for the scheduler to go idle before it
+#: sends anyway (a node that never idles still answers promptly)
 COALESCING_DELAY = 0.002
+#: reads a reader may take in a row without yielding to other tasks (a
+#: read that finds data returns at once; one that would block waits)
+READS_PER_YIELD = 8
+
+
+def _socket_of(stream: trio.abc.SendStream | trio.abc.ReceiveStream) -> trio.socket.SocketType | None:
+    """The socket under a plain TCP stream (``None`` for TLS and others)."""
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def _fileno(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the connection is closed")
+    return fd
 
 
 class FramedReader:
     def __init__(self, stream: trio.abc.ReceiveStream, max_frame: int) -> None:
         self._stream = stream
+        self._socket = _socket_of(stream)
         self._decoder = FrameDecoder(max_frame)
         self._pending: list[bytes] = []
+        self._reads_in_a_row = 0
 
     def unread(self, bodies: list[bytes]) -> None:
         """Give back bodies already taken, to be returned first."""
@@ -58,10 +85,29 @@ class FramedReader:
             frames = self._decoder.frames()
             if frames:
                 return frames
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            data = await self._receive_some()
             if not data:
                 return []
             self._decoder.feed(data)
+
+    async def _receive_some(self) -> bytes | bytearray:
+        sock = self._socket
+        if sock is None:
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        while True:
+            try:
+                data = os.read(_fileno(sock), RECEIVE_SIZE)
+            except BlockingIOError:
+                self._reads_in_a_row = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            self._reads_in_a_row += 1
+            if self._reads_in_a_row >= READS_PER_YIELD:
+                self._reads_in_a_row = 0
+                await trio.lowlevel.checkpoint()
+            return data
 
 
 class Outbox:
@@ -76,6 +122,7 @@ class Outbox:
     ) -> None:
         self._send_timeout = send_timeout
         self._stream = stream
+        self._socket = _socket_of(stream)
         self._max_frame = max_frame
         self._batch = batch
         self._high_water = high_water
@@ -119,23 +166,36 @@ class Outbox:
                     return
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
-                # Let the tasks that are runnable now, and those they wake,
-                # queue their messages too: one send for all of them. A send
-                # (and waking the receiver) costs far more than a message,
-                # and an idle scheduler pass costs only microseconds.
+                # Let every task with work queue its messages too (see the
+                # module docstring): one write for all of them.
                 with trio.move_on_after(COALESCING_DELAY):
                     await trio.testing.wait_all_tasks_blocked()
                 continue
             queue, self._queue = self._queue, []
             self._queued_bytes = 0
             self._drained.set()
-            # A receiver that reads nothing for send_timeout is gone for our
-            # purposes: TooSlowError ends the connection.
-            with trio.fail_after(self._send_timeout):
-                await self._stream.send_all(self._pack(queue))
+            await self._write(self._pack(queue))
             for _, on_sent, _ in queue:
                 if on_sent is not None:
                     on_sent()
+
+    async def _write(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is not None:
+            # Loopback almost always takes the whole write at once.
+            try:
+                sent = os.write(_fileno(sock), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # A receiver that reads nothing for send_timeout is gone for our
+        # purposes: TooSlowError ends the connection.
+        with trio.fail_after(self._send_timeout):
+            await self._stream.send_all(data)
 
     def _pack(self, queue: list[tuple[bytes, Callable[[], None] | None, bool]]) -> bytes:
         if not self._batch:
