@@ -66,13 +66,23 @@ class NodeMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self._request_counters: dict[tuple[str, str], Counter] = {}
+        self._latency_histograms: dict[str, Histogram] = {}
         for op in ("get", "set", "delete"):
             self.latency.labels(op)  # present (at zero) before the first request
         self.registry.register(_NodeCollector(node))
 
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(op, outcome).inc()
-        self.latency.labels(op).observe(seconds)
+        # labels() validates and locks on every call: look each child up once.
+        key = (op, outcome)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(op, outcome)
+        counter.inc()
+        histogram = self._latency_histograms.get(op)
+        if histogram is None:
+            histogram = self._latency_histograms[op] = self.latency.labels(op)
+        histogram.observe(seconds)
 
     def observe_commit(self, seconds: float, updates: int) -> None:
         self.commit_latency.observe(seconds)

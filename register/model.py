@@ -14,7 +14,7 @@ same value, because a tag is issued once (see ``quorum.coordinator``). So
 from __future__ import annotations
 
 import hashlib
-from typing import NewType
+from typing import NamedTuple, NewType
 
 import attrs
 
@@ -22,9 +22,11 @@ NodeId = NewType("NodeId", str)
 Key = NewType("Key", bytes)
 
 
-@attrs.frozen(order=True)
-class Tag:
-    """The version of a register: compared as ``(counter, writer)``."""
+class Tag(NamedTuple):
+    """The version of a register: compared as ``(counter, writer)``.
+
+    A named tuple rather than an attrs class: tags are compared on every
+    query reply and merge, and tuple comparison runs in C."""
 
     counter: int
     writer: NodeId

@@ -74,7 +74,7 @@ async def test_a_connection_without_the_secret_gets_an_error_and_changes_nothing
     async with open_cluster(3, cluster_secret=SECRET) as cluster:
         await wait_all_serving(cluster)
         address: Address = cluster.addresses[0]
-        store = [{"t": "s", "req": 1, "key": b"stolen", "tag": [10**9, "n2"], "value": b"x", "rid": None}]
+        store = [["s", 1, b"stolen", [10**9, "n2"], b"x", None]]
 
         # peer_hello with no nonce: refused before any peer message
         conn = await RawConnection.open(address)
@@ -123,7 +123,7 @@ async def test_the_right_proof_opens_a_peer_session() -> None:
         nonce = new_nonce()
         hello = await conn.request({"op": "peer_hello", "id": 0, "node": "n2", "nonce": nonce})
         proof = dialer_proof(SECRET, nonce, hello["nonce"], "n2", "n1")
-        query = [{"t": "q", "req": 7, "key": b"absent", "rid": None}]
+        query = [["q", 7, b"absent", None]]
         await conn.send(frame({"op": "peer_auth", "id": 0, "proof": proof}) + frame(query))
         with trio.fail_after(5):
             while len(conn._buf) < 4:
@@ -132,7 +132,7 @@ async def test_the_right_proof_opens_a_peer_session() -> None:
         while len(conn._buf) < 4 + length:
             conn._buf += await conn.stream.receive_some(65536)
         replies = msgpack.unpackb(bytes(conn._buf[4 : 4 + length]), raw=False)
-        assert replies[0]["t"] == "qr" and replies[0]["req"] == 7
+        assert replies[0][:2] == ["qr", 7]
         await conn.aclose()
 
 

@@ -51,6 +51,7 @@ async def ping_ok(address: Address) -> None:
     conn = await RawConnection.open(address)
     try:
         reply = await conn.request({"op": "ping", "id": 77})
+        assert reply.get("ok") is True, reply
         stats = reply.pop("stats")  # qkv's extra for ``qkv status`` (docs/protocol.md)
         assert isinstance(stats, dict) and {"keys", "max_counter", "requests", "peers"} <= stats.keys()
         assert reply == {"id": 77, "ok": True, "node": reply["node"], "protocol": 1, "state": "serving"}
@@ -193,7 +194,7 @@ async def test_garbage_from_a_fake_peer_closes_only_that_connection(
     conn = await connect(cluster.addresses[0])
     hello = await conn.request({"op": "peer_hello", "id": 0, "node": "n2"})
     assert hello["ok"] is True
-    junk = msgpack.packb([{"t": "q", "req": "not an int"}], use_bin_type=True)
+    junk = msgpack.packb([["q", "not an int", b"k", None]], use_bin_type=True)
     await conn.send(struct.pack(">I", len(junk)) + junk)
     assert await conn.closed_by_node()
     await ping_ok(cluster.addresses[0])

@@ -97,6 +97,24 @@ def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
         assert [(r.rid, r.at) for r in store.load().rids] == [(b"y", 10.0), (b"z", 20.0), (b"x", 40.0)]
 
 
+def test_batches_larger_than_one_statement(data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are written several statements at a time when a batch has more
+    variables than one statement may take (here 7: one row per statement
+    for registers and rids, seven rids per DELETE)."""
+    monkeypatch.setattr("register.sqlite_store.MAX_STATEMENT_VARIABLES", 7)
+    store = SqliteStore.open(data_dir, NODE)
+    batch = filled_batch(20)
+    batch.rids.extend(rid(b"rid-%05d" % i, b"k", i + 1, float(i)) for i in range(20))
+    store.write(batch)
+    store.write(Batch(rids_dropped=[b"rid-%05d" % i for i in range(0, 20, 2)]))
+    store.close()
+    reopened = SqliteStore.open(data_dir, NODE)
+    entries, rids, _ = contents(reopened.load())
+    reopened.close()
+    assert entries == dict(batch.entries)
+    assert sorted(rids) == [b"rid-%05d" % i for i in range(1, 20, 2)]
+
+
 def test_empty_batch_changes_nothing(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
         store.write(Batch())
