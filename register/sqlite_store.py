@@ -14,6 +14,8 @@ back as something else.
   ``ready``, ``counter_reserved``, ``created_at`` (wall clock of the first
   meta write). A new database has no row until the first batch carrying a
   ``Meta`` (``load`` then returns ``meta=None``, as ``MemoryStore`` does).
+Pages are 1 KiB (databases created since; an older file keeps its size).
+
 * ``registers(key BLOB PRIMARY KEY, counter, writer, value) WITHOUT ROWID``:
   one row per key, the tag split in two columns; ``value`` NULL is a
   tombstone. ``WITHOUT ROWID`` keeps a row in the key's b-tree, one b-tree
@@ -77,6 +79,7 @@ DB_NAME = "qkv.sqlite3"
 APPLICATION_ID = 0x716B7600  # b"qkv\0" as a big-endian int32
 SCHEMA_VERSION = 1
 _CHECKPOINT_PAGES = 4000
+_PAGE_SIZE = 1024
 
 _SCHEMA = (
     """CREATE TABLE meta (
@@ -200,6 +203,13 @@ class SqliteStore:
                     ] or ["unknown damage"]
                     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
                     raise StorageError(f"{path} is corrupt, refusing to serve it: {problems[0]}{more}")
+            if fresh:
+                # Small pages: a batch of random keys dirties about one leaf
+                # page per entry, and every dirty page goes to the WAL and
+                # through its fsync. 1 KiB instead of 4 KiB took the store
+                # phase of a loaded cluster's sets from 18 to 12 ms (lab).
+                # Fixed at creation; WAL mode cannot change it later.
+                conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StorageError(f"{path}: cannot use WAL journal mode (got {mode})")
