@@ -15,13 +15,14 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import trio
 from cli.histogram import Histogram
 from net.address import Address
 from net.client import Connection, open_connection
-from net.errors import QkvError
+from net.errors import PeerUnavailable, QkvError
 from net.messages import Get, GetReply, Set, WriteReply
 from register.model import Key
 
@@ -75,7 +76,19 @@ class Stats:
     errors: Counter[str] = attrs.field(factory=Counter)
 
 
-async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict[str, Any]:
+#: seconds between two RSS samples of a local cluster's servers
+RSS_SAMPLE_INTERVAL = 60.0
+
+
+async def run_load(
+    nodes: list[Address],
+    work: Workload,
+    progress: bool,
+    sample_rss: Callable[[], list[int | None]] | None = None,
+) -> dict[str, Any]:
+    """Load ``nodes`` as ``work`` says. ``sample_rss`` (a local cluster's
+    servers) is read when the measured window opens, every
+    ``RSS_SAMPLE_INTERVAL`` seconds in it, and when it closes."""
     rng = random.Random(1)
     chooser = KeyChooser(work.keys, work.distribution, rng)
     value = os.urandom(work.value_size)
@@ -99,24 +112,47 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
         except QkvError as exc:
             if recording:
                 stats.errors[exc.code] += 1
+                _count_done()
             return
+        except PeerUnavailable:
+            # The connection is gone (a node stopped): count it, and let
+            # this worker end rather than spin on a dead connection.
+            if recording:
+                stats.errors["connection_lost"] += 1
+                _count_done()
+            raise
         if recording:
             stats.histogram.record(int((time.perf_counter() - due) * 1e6))
             if read:
                 stats.reads += 1
             else:
                 stats.writes += 1
-        if work.requests is not None and stats.reads + stats.writes >= work.requests:
+        _count_done()
+
+    def _count_done() -> None:
+        # --requests counts every measured request, failed ones included,
+        # so a run against a broken cluster still ends.
+        if work.requests is not None and stats.reads + stats.writes + stats.errors.total() >= work.requests:
             done.set()
 
+    live_workers = work.clients * work.pipeline
+
     async def worker(conn: Connection) -> None:
-        if work.rate is None:
-            while True:
-                await one(conn, time.perf_counter())
-        else:
-            async for due in tickets_receive:
-                await trio.sleep_until(trio.current_time() + max(0.0, due - time.perf_counter()))
-                await one(conn, due)
+        nonlocal live_workers
+        try:
+            if work.rate is None:
+                while True:
+                    await one(conn, time.perf_counter())
+            else:
+                async for due in tickets_receive:
+                    await trio.sleep_until(trio.current_time() + max(0.0, due - time.perf_counter()))
+                    await one(conn, due)
+        except PeerUnavailable:
+            pass  # counted by one(): this worker's connection is gone
+        finally:
+            live_workers -= 1
+            if not live_workers:
+                done.set()  # every connection is gone: nothing more will happen
 
     async def dispatcher() -> None:
         assert work.rate is not None
@@ -126,6 +162,14 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
             due += interval
             await trio.sleep(max(0.0, due - time.perf_counter()))
             await tickets_send.send(due)
+
+    rss_samples: list[tuple[float, list[int | None]]] = []
+
+    async def sample_memory() -> None:
+        assert sample_rss is not None
+        while True:
+            rss_samples.append((round(time.perf_counter() - started, 1), sample_rss()))
+            await trio.sleep(RSS_SAMPLE_INTERVAL)
 
     async def show_progress() -> None:
         last = 0
@@ -142,29 +186,37 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
             sys.stderr.flush()
             last = count
 
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as held:
         connections: list[Connection] = []
         for i in range(work.clients):
             address = nodes[i % len(nodes)]
-            connections.append(await nursery.start(_hold_connection, address))
-        for conn in connections:
-            for _ in range(work.pipeline):
-                nursery.start_soon(worker, conn)
-        if work.rate is not None:
-            nursery.start_soon(dispatcher)
-        if progress:
-            nursery.start_soon(show_progress)
-        await trio.sleep(work.warmup)
-        recording = True
-        started = time.perf_counter()
-        if work.requests is None:
-            with trio.move_on_after(work.duration):
+            connections.append(await held.start(_hold_connection, address))
+        # The load runs in a nursery of its own, cancelled before the
+        # connections close: no request may start on a closing connection.
+        async with trio.open_nursery() as nursery:
+            for conn in connections:
+                for _ in range(work.pipeline):
+                    nursery.start_soon(worker, conn)
+            if work.rate is not None:
+                nursery.start_soon(dispatcher)
+            if progress:
+                nursery.start_soon(show_progress)
+            await trio.sleep(work.warmup)
+            recording = True
+            started = time.perf_counter()
+            if sample_rss is not None:
+                nursery.start_soon(sample_memory)
+            if work.requests is None:
+                with trio.move_on_after(work.duration):
+                    await done.wait()
+            else:
                 await done.wait()
-        else:
-            await done.wait()
-        elapsed = time.perf_counter() - started
-        recording = False
-        nursery.cancel_scope.cancel()
+            elapsed = time.perf_counter() - started
+            recording = False
+            if sample_rss is not None:
+                rss_samples.append((round(elapsed, 1), sample_rss()))
+            nursery.cancel_scope.cancel()
+        held.cancel_scope.cancel()
     if progress:
         sys.stderr.write("\n")
     h = stats.histogram
@@ -182,7 +234,7 @@ async def run_load(nodes: list[Address], work: Workload, progress: bool) -> dict
         | {"max": h.max / 1000},
         "errors": dict(stats.errors),
         "issued": issued,
-    }
+    } | ({"rss_kib": [{"at_s": at, "servers": kib} for at, kib in rss_samples]} if sample_rss else {})
 
 
 async def _hold_connection(address: Address, *, task_status: trio.TaskStatus[Connection]) -> None:
@@ -221,8 +273,11 @@ def _rss_kib(pid: int) -> int | None:
 def local_cluster(
     size: int, storage: str, data_dir: Path | None
 ) -> Iterator[tuple[list[Address], list[int]]]:
-    """Start ``size`` ``qkv serve`` processes on free loopback ports."""
+    """Start ``size`` ``qkv serve`` processes on free loopback ports (data
+    and logs in a temporary directory unless ``data_dir`` is given; it is
+    removed after a run that went well, kept for its logs otherwise)."""
     ports = _free_ports(size)
+    temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="qkv-bench-")) if data_dir is None else data_dir
     qkv = Path(sys.executable).parent / "qkv"
     command = [str(qkv)] if qkv.exists() else [sys.executable, "-m", "cli"]
@@ -252,6 +307,11 @@ def local_cluster(
         addresses = [Address("127.0.0.1", p) for p in ports]
         trio.run(_wait_serving, addresses)
         yield addresses, [p.pid for p in procs]
+    except BaseException:
+        if temporary:
+            print(f"qkv bench: server logs kept in {root}", file=sys.stderr)
+        temporary = False
+        raise
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -261,6 +321,8 @@ def local_cluster(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 async def _wait_serving(addresses: list[Address]) -> None:
@@ -274,7 +336,20 @@ async def _wait_serving(addresses: list[Address]) -> None:
             await trio.sleep(0.1)
 
 
+class BenchError(Exception):
+    """The cluster could not be loaded (a node unreachable or gone)."""
+
+
 def run_bench(
+    nodes: list[Address] | None, local: int | None, storage: str, work: Workload, as_json: bool
+) -> dict[str, Any]:
+    try:
+        return _run_bench(nodes, local, storage, work, as_json)
+    except* PeerUnavailable as group:
+        raise BenchError(str(group.exceptions[0])) from None
+
+
+def _run_bench(
     nodes: list[Address] | None, local: int | None, storage: str, work: Workload, as_json: bool
 ) -> dict[str, Any]:
     progress = sys.stderr.isatty() and not as_json
@@ -284,15 +359,8 @@ def run_bench(
         report["cluster"] = {"nodes": [str(a) for a in nodes]}
         return report
     with local_cluster(local, storage, None) as (addresses, pids):
-        rss_start = [_rss_kib(pid) for pid in pids]
-        report = trio.run(run_load, addresses, work, progress)
-        rss_end = [_rss_kib(pid) for pid in pids]
-    report["cluster"] = {
-        "local": local,
-        "storage": storage,
-        "rss_kib_start": rss_start,
-        "rss_kib_end": rss_end,
-    }
+        report = trio.run(run_load, addresses, work, progress, lambda: [_rss_kib(pid) for pid in pids])
+    report["cluster"] = {"local": local, "storage": storage}
     return report
 
 
@@ -311,9 +379,11 @@ def format_report(report: dict[str, Any], work: Workload) -> str:
         "latency ms: " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()),
         f"errors: {report['errors'] or 'none'}",
     ]
-    cluster = report["cluster"]
-    if "rss_kib_start" in cluster:
-        lines.append(f"server RSS KiB: start {cluster['rss_kib_start']} end {cluster['rss_kib_end']}")
+    samples = report.get("rss_kib")
+    if samples:
+        # The window's first and last samples, and any in between.
+        lines.append("server RSS KiB (from the start of the measured window):")
+        lines.extend(f"  {sample['at_s']:7.1f} s  {sample['servers']}" for sample in samples)
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@ whatever its magnitude, in constant memory and O(1) per record.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 SUB_BITS = 6
 SUB = 1 << SUB_BITS
 
@@ -51,7 +54,9 @@ class Histogram:
         """The value at or below which ``p`` percent of records fall."""
         if not self.total:
             return 0
-        rank = max(1, -(-self.total * p // 100))
+        # Exact arithmetic: 99.9 is not exactly representable, and a float
+        # rank can come out one too high.
+        rank = max(1, math.ceil(Fraction(str(p)) * self.total / 100))
         seen = 0
         for i in sorted(self.counts):
             seen += self.counts[i]

@@ -505,7 +505,7 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure throughput and latency percentiles of a cluster."""
-    from cli.bench import Workload, emit, run_bench
+    from cli.bench import BenchError, Workload, emit, run_bench
 
     if (nodes is None) == (local is None):
         raise click.UsageError("give either --nodes (or QKV_NODES) or --local N")
@@ -521,7 +521,10 @@ def bench(
         rate=rate,
         warmup=warmup,
     )
-    report = run_bench(None if nodes is None else address_list(nodes), local, storage, work, as_json)
+    try:
+        report = run_bench(None if nodes is None else address_list(nodes), local, storage, work, as_json)
+    except BenchError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
     emit(report, work, as_json)
 
 

@@ -292,7 +292,13 @@ async def _client_session(
                     message = "peer_hello must be the first frame of a connection"
                     outbox.put(encode_reply(ErrorReply(id=request.id, error="bad_request", message=message)))
                     continue
-                await inflight.acquire()
+                try:
+                    # No yield per request while slots are free: a read
+                    # brings many requests, and each acquire() would be a
+                    # scheduler pass of its own.
+                    inflight.acquire_nowait()
+                except trio.WouldBlock:
+                    await inflight.acquire()
                 unanswered += 1
                 handler.submit(request, respond)
             if closing:

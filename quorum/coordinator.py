@@ -50,6 +50,9 @@ __all__ = ["Coordinator", "Finish"]
 
 log = logging.getLogger("qkv.coordinator")
 
+#: seconds between two sweeps of finished operations off the deadline queue
+SWEEP_INTERVAL = 0.1
+
 #: called exactly once with the operation's result or its error
 Finish = Callable[[Done | QkvError], None]
 Outcome = QueryResult | bool | None
@@ -190,7 +193,12 @@ class Coordinator:
 
     async def run_deadlines(self) -> None:
         """The timer task: fail every operation still running at its
-        deadline. Deadlines are in queue order (one timeout for all)."""
+        deadline. Deadlines are in queue order (one timeout for all).
+
+        It also wakes every ``SWEEP_INTERVAL`` to drop finished operations
+        from the head of the queue: otherwise every operation started within
+        one request timeout (thousands, with their replies) stays referenced
+        until the head's deadline, though almost all finish in milliseconds."""
         queue = self._deadlines
         while True:
             while queue and queue[0].over:
@@ -200,9 +208,12 @@ class Coordinator:
                 await self._timer_wakeup.wait()
                 continue
             run = queue[0]
+            if run.deadline > trio.current_time() + SWEEP_INTERVAL:
+                await trio.sleep(SWEEP_INTERVAL)
+                continue
             await trio.sleep_until(run.deadline)
-            queue.popleft()
-            run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
+            if not run.over:
+                run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
 
     def local(self, send: SendQuery | SendStore, deliver: Callable[[Outcome], None]) -> None:
         """This node's own replica takes part in every phase."""
