@@ -58,7 +58,7 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes | bytearray) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
             # Compact only once the consumed prefix dominates, so each byte
             # is moved O(1) times on average.

@@ -29,6 +29,7 @@ would block does the task wait for the socket (``wait_readable`` /
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import trio
@@ -85,18 +86,25 @@ class FramedReader:
             frames = self._decoder.frames()
             if frames:
                 return frames
-            data = await self._receive_some()
-            if not data:
+            if not await self._fill():
                 return []
-            self._decoder.feed(data)
 
-    async def _receive_some(self) -> bytes | bytearray:
+    async def _fill(self) -> bool:
+        """Read what has arrived into the decoder; ``False`` at end of stream."""
         sock = self._socket
         if sock is None:
-            return await self._stream.receive_some(RECEIVE_SIZE)
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            self._decoder.feed(data)
+            return bool(data)
         while True:
+            if self._reads_in_a_row >= READS_PER_YIELD:
+                self._reads_in_a_row = 0
+                await trio.lowlevel.checkpoint()
+            # Into this thread's scratch buffer, copied out by feed() before
+            # any other task runs: no 64 KiB allocation per read.
+            chunk = _scratch()
             try:
-                data = os.read(_fileno(sock), RECEIVE_SIZE)
+                count = os.readv(_fileno(sock), [chunk])
             except BlockingIOError:
                 self._reads_in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
@@ -104,10 +112,19 @@ class FramedReader:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
             self._reads_in_a_row += 1
-            if self._reads_in_a_row >= READS_PER_YIELD:
-                self._reads_in_a_row = 0
-                await trio.lowlevel.checkpoint()
-            return data
+            with memoryview(chunk) as view:
+                self._decoder.feed(view[:count])
+            return count > 0
+
+
+_local = threading.local()
+
+
+def _scratch() -> bytearray:
+    chunk: bytearray | None = getattr(_local, "chunk", None)
+    if chunk is None:
+        chunk = _local.chunk = bytearray(RECEIVE_SIZE)
+    return chunk
 
 
 class Outbox:

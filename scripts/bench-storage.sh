@@ -15,7 +15,7 @@ import json, sys
 r = json.load(open(sys.argv[2]))
 lat = r["latency_ms"]
 print(f"{sys.argv[1]}: {r['ops_per_s']:,.0f} sets/s  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms"
-      f"  errors {r['errors'] or 0}  server RSS KiB {r['cluster']['rss_kib_end']}")
+      f"  errors {r['errors'] or 0}  server RSS KiB {r['rss_kib'][-1]['servers']}")
 PY
 done
 python3 - "$out" <<'PY'
