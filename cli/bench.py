@@ -135,10 +135,11 @@ async def run_load(
         if work.requests is not None and stats.reads + stats.writes + stats.errors.total() >= work.requests:
             done.set()
 
-    live_workers = work.clients * work.pipeline
+    workers = work.clients * work.pipeline
+    lost_workers = 0
 
     async def worker(conn: Connection) -> None:
-        nonlocal live_workers
+        nonlocal lost_workers
         try:
             if work.rate is None:
                 while True:
@@ -148,10 +149,9 @@ async def run_load(
                     await trio.sleep_until(trio.current_time() + max(0.0, due - time.perf_counter()))
                     await one(conn, due)
         except PeerUnavailable:
-            pass  # counted by one(): this worker's connection is gone
-        finally:
-            live_workers -= 1
-            if not live_workers:
+            # Counted by one() when measuring: this worker's connection is gone.
+            lost_workers += 1
+            if lost_workers == workers:
                 done.set()  # every connection is gone: nothing more will happen
 
     async def dispatcher() -> None:
@@ -219,6 +219,8 @@ async def run_load(
         held.cancel_scope.cancel()
     if progress:
         sys.stderr.write("\n")
+    if lost_workers == workers:
+        raise PeerUnavailable("every connection to the cluster was lost")
     h = stats.histogram
     ops = stats.reads + stats.writes
     return {

@@ -26,6 +26,7 @@ from cattrs.preconf.msgpack import make_converter
 
 from net.errors import BadRequest, UnknownOp
 from net.messages import (
+    PEER_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Delete,
     ErrorReply,
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 MAX_ID: Final = 2**64 - 1
+#: tag counters are stored as SQLite (signed 64-bit) integers
+MAX_COUNTER: Final = 2**63 - 1
 MIN_RID, MAX_RID = 8, 64
 MAX_KEY: Final = 1024
 
@@ -206,6 +209,14 @@ def decode_request(body: bytes, limits: Limits) -> Request:
                 rid,
                 optional=True,
             )
+            # Absent or 1: a node from before peer messages were arrays.
+            protocol = raw.get("protocol", 1)
+            if protocol != PEER_PROTOCOL_VERSION:
+                raise BadRequest(
+                    f"peer protocol {protocol!r} is not spoken here (this node speaks"
+                    f" {PEER_PROTOCOL_VERSION}): run the same qkv version on every node",
+                    request_id=rid,
+                )
             return PeerHello(id=rid, node=NodeId(node), nonce=nonce)
         case _:
             raise UnknownOp(f"unknown op {op!r}", request_id=rid)
@@ -352,8 +363,18 @@ def _opt_bin(v: Any) -> bytes | None:
     return None if v is None else _bin(v)
 
 
+def _tag(v: Any) -> Tag:
+    # A client may see any uint counter; a node stores counters as signed
+    # 64-bit integers, so a larger one from a peer is malformed, not a
+    # storage failure that would stop the replica.
+    tag = _structure_tag(v, Tag)
+    if tag.counter > MAX_COUNTER:
+        raise ValueError(f"tag counter {tag.counter} is above {MAX_COUNTER}")
+    return tag
+
+
 def _opt_tag(v: Any) -> Tag | None:
-    return None if v is None else _structure_tag(v, Tag)
+    return None if v is None else _tag(v)
 
 
 def _decode_query(m: Any) -> Query:
@@ -374,9 +395,7 @@ def _decode_query_reply(m: Any) -> QueryReply:
 
 def _decode_store(m: Any) -> Store:
     _, req, key, tag, value, rid = _fields(m, 6)
-    return Store(
-        req=req, key=Key(_bin(key)), tag=_structure_tag(tag, Tag), value=_opt_bin(value), rid=_opt_bin(rid)
-    )
+    return Store(req=req, key=Key(_bin(key)), tag=_tag(tag), value=_opt_bin(value), rid=_opt_bin(rid))
 
 
 def _decode_store_ack(m: Any) -> StoreAck:
@@ -400,7 +419,7 @@ def _decode_sync_page(m: Any) -> SyncPage:
 def _decode_sync_entry(e: Any) -> SyncEntry:
     if type(e) is not list or len(e) != 3:
         raise ValueError("a sync entry is [key, tag, value]")
-    return SyncEntry(key=Key(_bin(e[0])), tag=_structure_tag(e[1], Tag), value=_opt_bin(e[2]))
+    return SyncEntry(key=Key(_bin(e[0])), tag=_tag(e[1]), value=_opt_bin(e[2]))
 
 
 def _decode_sync_chunk(m: Any) -> SyncChunk:

@@ -17,6 +17,9 @@ import attrs
 from register.model import Key, NodeId, Tag
 
 PROTOCOL_VERSION = 1
+#: the node-to-node protocol spoken after ``peer_hello``; 2 since peer
+#: messages became positional arrays (version 1 sent maps)
+PEER_PROTOCOL_VERSION = 2
 
 # --- client requests -------------------------------------------------------
 
@@ -54,7 +57,7 @@ class PeerHello:
 
     id: int
     node: NodeId
-    protocol: int = PROTOCOL_VERSION
+    protocol: int = PEER_PROTOCOL_VERSION
     #: the dialer's fresh nonce, when it holds a cluster secret
     nonce: bytes | None = None
 

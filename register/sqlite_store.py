@@ -111,14 +111,9 @@ _SCHEMA = (
 
 # Plain REPLACE: the tables have no secondary index, trigger or foreign key,
 # so it is a single b-tree overwrite.
-# Rows go in as one multi-row statement per table (see _put_rows), not one
-# statement per row: the sqlite3 module releases the GIL around every step,
-# and a worker thread that must win the GIL back from a busy event loop once
-# per row made a 20-update commit take 6 ms instead of well under one.
-MAX_STATEMENT_VARIABLES = 10_000
-_PUT_REGISTERS = "INSERT OR REPLACE INTO registers VALUES "
-_PUT_RIDS = "INSERT OR REPLACE INTO rids VALUES "
-_DROP_RIDS = "DELETE FROM rids WHERE rid IN "
+_PUT_REGISTER = "INSERT OR REPLACE INTO registers VALUES (?, ?, ?, ?)"
+_PUT_RID = "INSERT OR REPLACE INTO rids VALUES (?, ?, ?, ?, ?)"
+_DROP_RID = "DELETE FROM rids WHERE rid = ?"
 # created_at keeps the first write's time.
 _PUT_META = """INSERT INTO meta VALUES (1, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
@@ -154,16 +149,11 @@ class SqliteStore:
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
             # timeout: only matters when another process holds the lock.
-            # cached_statements: a multi-row statement's text depends on its
-            # row count, and batch sizes vary.
             self._conn = sqlite3.connect(
-                self.path, timeout=1.0, isolation_level=None, check_same_thread=False, cached_statements=512
+                self.path, timeout=1.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
             raise StorageError(f"cannot open {self.path}: {e}") from e
-        self._max_variables = min(
-            MAX_STATEMENT_VARIABLES, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        )
         try:
             self._setup()
         except BaseException:
@@ -284,13 +274,18 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self._put_rows(
-                    _PUT_REGISTERS, [(k, v.tag.counter, v.tag.writer, v.value) for k, v in batch.entries]
-                )
-                self._put_rows(
-                    _PUT_RIDS, [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at) for r in batch.rids]
-                )
-                self._put_rows(_DROP_RIDS, [(rid,) for rid in batch.rids_dropped], as_list=True)
+                if batch.entries:
+                    conn.executemany(
+                        _PUT_REGISTER,
+                        [(k, v.tag.counter, v.tag.writer, v.value) for k, v in batch.entries],
+                    )
+                if batch.rids:
+                    conn.executemany(
+                        _PUT_RID,
+                        [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at) for r in batch.rids],
+                    )
+                if batch.rids_dropped:
+                    conn.executemany(_DROP_RID, [(rid,) for rid in batch.rids_dropped])
                 if meta is not None:
                     conn.execute(
                         _PUT_META,
@@ -300,24 +295,9 @@ class SqliteStore:
             except BaseException:
                 self._rollback()
                 raise
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OverflowError) as e:
+            # OverflowError: an integer beyond SQLite's signed 64 bits.
             raise StorageError(f"write to {self.path} failed: {e}") from e
-
-    def _put_rows(self, prefix: str, rows: list[tuple[object, ...]], *, as_list: bool = False) -> None:
-        """Run ``prefix`` on ``rows`` in as few statements as the variable
-        limit allows: ``VALUES (..), (..)``, or ``IN (.., ..)`` for a list."""
-        if not rows:
-            return
-        width = len(rows[0])
-        per_statement = max(1, self._max_variables // width)
-        row_marks = "(" + ", ".join("?" * width) + ")"
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start : start + per_statement]
-            if as_list:
-                sql = prefix + "(" + ", ".join("?" * len(chunk)) + ")"
-            else:
-                sql = prefix + ", ".join([row_marks] * len(chunk))
-            self._conn.execute(sql, [value for row in chunk for value in row])
 
     def _rollback(self) -> None:
         # SQLite already rolls back after some errors (e.g. SQLITE_FULL at

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import cli.bench
 from cli.bench import Workload, run_load
 from cli.histogram import SUB, Histogram
+from net.errors import PeerUnavailable
 from quorum.cluster import LocalCluster, open_cluster
 from tests.support.procs import QkvResult, free_ports, run_qkv_many
 
@@ -276,6 +277,23 @@ async def test_a_count_of_requests_ends_even_if_every_request_fails(cluster: Loc
     await cluster.stop(2)
     report = await load(cluster, small(requests=5, clients=1, pipeline=1))
     assert report["ops"] == 0 and sum(report["errors"].values()) >= 5, report
+
+
+async def test_a_run_that_loses_every_connection_says_so(cluster: LocalCluster) -> None:
+    """Not a report of nothing with "errors: none": the run fails."""
+
+    async def stop_all() -> None:
+        await trio.sleep(0.2)
+        for i in range(cluster.size):
+            await cluster.stop(i)
+
+    with (
+        trio.fail_after(30),
+        pytest.RaisesGroup(PeerUnavailable, allow_unwrapped=True, flatten_subgroups=True),
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_all)
+            await run_load(cluster.addresses, small(clients=2, duration=5.0), False)
 
 
 # --- the command --------------------------------------------------------------------

@@ -46,8 +46,8 @@ from net.messages import (
     SyncPage,
     WriteReply,
 )
-from register.model import NodeId
-from tests.strategies import keys, rids, tags, values
+from register.model import NodeId, Tag
+from tests.strategies import keys, node_ids, rids, tags, values
 
 LIMITS = Limits()
 
@@ -56,21 +56,24 @@ texts = st.text(st.characters(codec="utf-8"), max_size=40)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).map(NodeId)
 maybe_values = st.none() | values
 maybe_tags = st.none() | tags
+#: tags as nodes hold them: counters fit a signed 64-bit integer
+peer_tags = st.builds(Tag, st.integers(min_value=0, max_value=2**63 - 1), node_ids)
+maybe_peer_tags = st.none() | peer_tags
 maybe_rids = st.none() | rids
 
 # --- strategies for every message type ---------------------------------------
 
 peer_messages: st.SearchStrategy[PeerMessage] = st.one_of(
     st.builds(Query, req=u64, key=keys, rid=maybe_rids),
-    st.builds(QueryReply, req=u64, tag=maybe_tags, value=maybe_values, rid_tag=maybe_tags),
-    st.builds(Store, req=u64, key=keys, tag=tags, value=maybe_values, rid=maybe_rids),
+    st.builds(QueryReply, req=u64, tag=maybe_peer_tags, value=maybe_values, rid_tag=maybe_peer_tags),
+    st.builds(Store, req=u64, key=keys, tag=peer_tags, value=maybe_values, rid=maybe_rids),
     st.builds(StoreAck, req=u64),
     st.builds(Refused, req=u64, reason=texts),
     st.builds(SyncPage, req=u64, session=u64, after=st.none() | keys),
     st.builds(
         SyncChunk,
         req=u64,
-        entries=st.lists(st.builds(SyncEntry, key=keys, tag=tags, value=maybe_values), max_size=4),
+        entries=st.lists(st.builds(SyncEntry, key=keys, tag=peer_tags, value=maybe_values), max_size=4),
         next_after=st.none() | keys,
         fresh=st.booleans(),
     ),
@@ -124,6 +127,8 @@ def test_peer_frame_of_many_messages(messages: list[PeerMessage]) -> None:
         ["s", 1, b"k", [-1, "n1"], None, None],  # negative counter
         ["s", 1, b"k", [True, "n1"], None, None],  # bool counter
         ["s", 1, b"k", [1, b"n1"], None, None],  # bin writer
+        ["s", 1, b"k", [2**63, "n1"], None, None],  # counter beyond a signed 64-bit store
+        ["qr", 1, [2**64 - 1, "n1"], b"v", None, None],  # the same in a reply
         ["no", 1, b"reason"],  # bin reason
         ["sc", 1, [[b"k", [1, "n1"]]], None, False],  # entry without value
         ["sc", 1, [], None, 0],  # int for bool

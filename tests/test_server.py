@@ -176,23 +176,39 @@ async def test_client_that_never_reads_cannot_stall_others(cluster: LocalCluster
 async def test_peer_hello_later_in_a_connection_is_refused(cluster: LocalCluster, connect: Connect) -> None:
     conn = await connect(cluster.addresses[0])
     assert (await conn.request({"op": "ping", "id": 1}))["ok"]
-    reply = await conn.request({"op": "peer_hello", "id": 2, "node": "n2"})
+    reply = await conn.request({"op": "peer_hello", "id": 2, "protocol": 2, "node": "n2"})
     assert reply["ok"] is False and reply["error"] == "bad_request"
     assert (await conn.request({"op": "ping", "id": 3}))["ok"]
 
 
 async def test_peer_hello_from_a_stranger_is_refused(cluster: LocalCluster, connect: Connect) -> None:
     conn = await connect(cluster.addresses[0])
-    reply = await conn.request({"op": "peer_hello", "id": 5, "node": "intruder"})
+    reply = await conn.request({"op": "peer_hello", "id": 5, "protocol": 2, "node": "intruder"})
     assert reply["ok"] is False and reply["error"] == "bad_request" and reply["id"] == 5
     assert await conn.closed_by_node()
+
+
+@pytest.mark.parametrize("protocol", [None, 1, 3, "2"])
+async def test_peer_hello_of_another_peer_protocol_is_refused(
+    cluster: LocalCluster, connect: Connect, protocol: object
+) -> None:
+    """A node of another version (peer messages were maps in version 1) is
+    told so at the handshake, instead of failing on every later frame."""
+    conn = await connect(cluster.addresses[0])
+    hello: dict[str, object] = {"op": "peer_hello", "id": 4, "node": "n2"}
+    if protocol is not None:
+        hello["protocol"] = protocol
+    reply = await conn.request(hello)
+    assert reply["ok"] is False and reply["error"] == "bad_request" and reply["id"] == 4
+    assert "peer protocol" in reply["message"]
+    await ping_ok(cluster.addresses[0])
 
 
 async def test_garbage_from_a_fake_peer_closes_only_that_connection(
     cluster: LocalCluster, connect: Connect
 ) -> None:
     conn = await connect(cluster.addresses[0])
-    hello = await conn.request({"op": "peer_hello", "id": 0, "node": "n2"})
+    hello = await conn.request({"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2"})
     assert hello["ok"] is True
     junk = msgpack.packb([["q", "not an int", b"k", None]], use_bin_type=True)
     await conn.send(struct.pack(">I", len(junk)) + junk)

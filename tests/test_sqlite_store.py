@@ -97,22 +97,27 @@ def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
         assert [(r.rid, r.at) for r in store.load().rids] == [(b"y", 10.0), (b"z", 20.0), (b"x", 40.0)]
 
 
-def test_batches_larger_than_one_statement(data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows are written several statements at a time when a batch has more
-    variables than one statement may take (here 7: one row per statement
-    for registers and rids, seven rids per DELETE)."""
-    monkeypatch.setattr("register.sqlite_store.MAX_STATEMENT_VARIABLES", 7)
+def test_batch_of_many_rows_and_dropped_rids(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
-    batch = filled_batch(20)
-    batch.rids.extend(rid(b"rid-%05d" % i, b"k", i + 1, float(i)) for i in range(20))
+    batch = filled_batch(2000)
+    batch.rids.extend(rid(b"rid-%05d" % i, b"k", i + 1, float(i)) for i in range(2000))
     store.write(batch)
-    store.write(Batch(rids_dropped=[b"rid-%05d" % i for i in range(0, 20, 2)]))
+    store.write(Batch(rids_dropped=[b"rid-%05d" % i for i in range(0, 2000, 2)]))
     store.close()
     reopened = SqliteStore.open(data_dir, NODE)
     entries, rids, _ = contents(reopened.load())
     reopened.close()
     assert entries == dict(batch.entries)
-    assert sorted(rids) == [b"rid-%05d" % i for i in range(1, 20, 2)]
+    assert sorted(rids) == [b"rid-%05d" % i for i in range(1, 2000, 2)]
+
+
+def test_a_counter_beyond_64_bits_is_a_storage_error(data_dir: pathlib.Path) -> None:
+    """Never a crash of the commit task: the batch fails and the store goes on."""
+    with SqliteStore.open(data_dir, NODE) as store:
+        with pytest.raises(StorageError):
+            store.write(Batch(entries=[(Key(b"k"), v(2**63, b"x"))]))
+        store.write(Batch(entries=[(Key(b"k"), v(2**63 - 1, b"x"))]))
+        assert dict(store.load().entries) == {Key(b"k"): v(2**63 - 1, b"x")}
 
 
 def test_empty_batch_changes_nothing(data_dir: pathlib.Path) -> None:

@@ -96,7 +96,9 @@ async def test_a_peer_needs_a_certificate_from_the_cluster_ca(tmp_path: Path, ca
         stream = await trio.open_tcp_stream("127.0.0.1", cluster.addresses[0].port)
         tls = trio.SSLStream(stream, client_context(files.ca), server_hostname="127.0.0.1")
         async with tls:
-            body = msgpack.packb({"op": "peer_hello", "id": 0, "node": "n2"}, use_bin_type=True)
+            body = msgpack.packb(
+                {"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2"}, use_bin_type=True
+            )
             await tls.send_all(struct.pack(">I", len(body)) + body)
             data = b""
             with trio.fail_after(5):
