@@ -214,3 +214,18 @@ async def test_a_rid_reused_for_a_different_write_is_refused(cluster: LocalClust
             await client.delete(b"k1", rid=b"shared-rid-1")
         assert not (await client.get(b"k2")).found
         assert (await client.get(b"k1")).tag == tag
+
+
+async def test_finished_operations_leave_the_deadline_queue_long_before_the_timeout() -> None:
+    """The coordinator's deadline timer must not keep every operation of the
+    last request timeout (with its replies) alive until the oldest expires."""
+    async with open_cluster(3, request_timeout=30.0) as cluster:
+        for i in range(cluster.size):
+            await wait_serving(cluster, i)
+        async with cluster.client([0]) as client:
+            for i in range(50):
+                await client.set(b"k%d" % i, b"v")
+        queue = cluster.node(0).coordinator._deadlines
+        with trio.fail_after(5):  # swept every 100 ms; the deadline is 30 s away
+            while queue:
+                await trio.sleep(0.05)

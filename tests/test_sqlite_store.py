@@ -97,6 +97,17 @@ def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
         assert [(r.rid, r.at) for r in store.load().rids] == [(b"y", 10.0), (b"z", 20.0), (b"x", 40.0)]
 
 
+def test_new_databases_use_small_pages(data_dir: pathlib.Path) -> None:
+    """1 KiB pages: fewer bytes through each commit's WAL fsync."""
+    with SqliteStore.open(data_dir, NODE) as store:
+        store.write(filled_batch(10))
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
+    finally:
+        conn.close()
+
+
 def test_batch_of_many_rows_and_dropped_rids(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
     batch = filled_batch(2000)
