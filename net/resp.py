@@ -62,6 +62,7 @@ import trio
 from net.address import Address
 from net.messages import Delete, ErrorReply, Get, GetReply, Reply, Request, Set, WriteReply
 from net.server import ServerLimits, accept_connections
+from net.stream import send_now, wait_to_coalesce
 from register.model import Key, Versioned
 
 __all__ = [
@@ -425,7 +426,7 @@ class _Slot:
 class _ReplyQueue:
     """Replies in command order. The reader reserves a slot per command;
     whoever answers fills it; the writer task sends every filled slot at the
-    head of the queue in one ``send_all``."""
+    head of the queue in one write (``net.stream.send_now``)."""
 
     def __init__(
         self, stream: trio.abc.SendStream, *, send_timeout: float, high_water: int = HIGH_WATER
@@ -476,9 +477,7 @@ class _ReplyQueue:
                 data = b"".join([s.data for s in batch if s.data is not None])
                 self._filled_bytes -= len(data)
                 self._drained.set()
-                # A client that reads nothing for send_timeout is gone.
-                with trio.fail_after(self._send_timeout):
-                    await self._stream.send_all(data)
+                await send_now(self._stream, data, self._send_timeout)
                 for s in batch:
                     if s.on_sent is not None:
                         s.on_sent()
@@ -487,8 +486,7 @@ class _ReplyQueue:
                 return
             self._wakeup = trio.Event()
             await self._wakeup.wait()
-            # Let the replies that are ready now join this write.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await wait_to_coalesce()
 
 
 # --- the server ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ import trio.testing
 from net.codec import peer_frame_body, peer_frame_overhead
 from net.framing import HEADER_SIZE, FrameDecoder, encode_frame
 
-__all__ = ["FramedReader", "Outbox"]
+__all__ = ["FramedReader", "Outbox", "send_now", "wait_to_coalesce"]
 
 RECEIVE_SIZE = 64 * 1024
 #: the longest a woken writer waits for the scheduler to go idle before it
@@ -117,6 +117,34 @@ class FramedReader:
             return count > 0
 
 
+async def wait_to_coalesce() -> None:
+    """What a woken writer does before it writes: let every task with work
+    queue its messages too (see the module docstring), so that one write
+    carries all of them; at most ``COALESCING_DELAY``."""
+    with trio.move_on_after(COALESCING_DELAY):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def send_now(stream: trio.abc.SendStream, data: bytes, send_timeout: float) -> None:
+    """Write ``data``: straight to the socket of a plain TCP stream when it
+    takes it all (loopback almost always does), the rest through the
+    stream. A receiver that reads nothing for ``send_timeout`` is gone for
+    our purposes: ``TooSlowError`` ends the connection."""
+    sock = _socket_of(stream)
+    if sock is not None:
+        try:
+            sent = os.write(_fileno(sock), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+        if sent == len(data):
+            return
+        data = data[sent:]
+    with trio.fail_after(send_timeout):
+        await stream.send_all(data)
+
+
 _local = threading.local()
 
 
@@ -139,7 +167,6 @@ class Outbox:
     ) -> None:
         self._send_timeout = send_timeout
         self._stream = stream
-        self._socket = _socket_of(stream)
         self._max_frame = max_frame
         self._batch = batch
         self._high_water = high_water
@@ -183,36 +210,15 @@ class Outbox:
                     return
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
-                # Let every task with work queue its messages too (see the
-                # module docstring): one write for all of them.
-                with trio.move_on_after(COALESCING_DELAY):
-                    await trio.testing.wait_all_tasks_blocked()
+                await wait_to_coalesce()
                 continue
             queue, self._queue = self._queue, []
             self._queued_bytes = 0
             self._drained.set()
-            await self._write(self._pack(queue))
+            await send_now(self._stream, self._pack(queue), self._send_timeout)
             for _, on_sent, _ in queue:
                 if on_sent is not None:
                     on_sent()
-
-    async def _write(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is not None:
-            # Loopback almost always takes the whole write at once.
-            try:
-                sent = os.write(_fileno(sock), data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # A receiver that reads nothing for send_timeout is gone for our
-        # purposes: TooSlowError ends the connection.
-        with trio.fail_after(self._send_timeout):
-            await self._stream.send_all(data)
 
     def _pack(self, queue: list[tuple[bytes, Callable[[], None] | None, bool]]) -> bytes:
         if not self._batch:
