@@ -38,7 +38,8 @@ SQLite fsyncs the directory when it creates the WAL file; this module fsyncs
 the data dir (and the parents it created) when it creates the database.
 Checkpoints (automatic, when the WAL passes 4000 pages, inside the ``write``
 that crosses it; and at ``close``) copy WAL pages into the main file and
-fsync it before the WAL is reused.
+fsync it before the WAL is reused. The WAL is preallocated with zeros at
+open (``_preallocate_wal``), so commits overwrite blocks from the start.
 
 Why WAL + FULL: a rollback journal needs at least two fsyncs per commit
 (journal, then database), where WAL needs one sequential append + fsync.
@@ -63,6 +64,7 @@ callers must allow for any unacknowledged write anyway.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sqlite3
@@ -75,11 +77,16 @@ from register.store import Batch, Meta, Snapshot, StorageError
 if TYPE_CHECKING:
     from register.store import Store
 
+log = logging.getLogger("qkv.storage")
+
 DB_NAME = "qkv.sqlite3"
 APPLICATION_ID = 0x716B7600  # b"qkv\0" as a big-endian int32
 SCHEMA_VERSION = 1
 _CHECKPOINT_PAGES = 4000
 _PAGE_SIZE = 1024
+#: frames preallocated in the WAL beyond the checkpoint threshold (the
+#: checkpoint runs in the commit that crosses it, after its frames)
+_WAL_SPARE_FRAMES = 256
 
 _SCHEMA = (
     """CREATE TABLE meta (
@@ -221,6 +228,8 @@ class SqliteStore:
                 conn.execute("COMMIT")
                 _fsync_dir(self.data_dir)
             row = conn.execute("SELECT schema_version, node_id FROM meta").fetchone()
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            _preallocate_wal(self.path.with_name(DB_NAME + "-wal"), page_size)
         except sqlite3.Error as e:
             code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary code
             if code == sqlite3.SQLITE_BUSY:
@@ -231,7 +240,7 @@ class SqliteStore:
                 msg = f"cannot open {path}: {e}"
             raise StorageError(msg) from e
         except OSError as e:
-            raise StorageError(f"cannot sync data dir {self.data_dir}: {e.strerror or e}") from e
+            raise StorageError(f"cannot set up data dir {self.data_dir}: {e.strerror or e}") from e
         if row is not None:
             if row[0] != SCHEMA_VERSION:
                 raise StorageError(f"{path} has unknown schema version {row[0]}")
@@ -321,6 +330,48 @@ class SqliteStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _preallocate_wal(wal: pathlib.Path, page_size: int) -> None:
+    """Give the WAL its working size in zero-filled blocks up front.
+
+    An fdatasync after appending to a file must also commit the file's new
+    size (an ext4 journal commit); one after overwriting allocated blocks
+    flushes only the data. SQLite reuses the WAL from its start after each
+    checkpoint, so a node in steady state only overwrites; but a new or
+    restarted node grows the file for its first ``_CHECKPOINT_PAGES``
+    frames, and measured here those commits took twice as long (0.57 vs
+    0.30 ms median). Zeros are never mistaken for frames: a frame counts
+    only when its salt matches the WAL header's and its checksum chains,
+    so recovery stops at the first zero frame, as it stops at the stale
+    frames a reused WAL holds anyway. Existing content (the WAL of a crash,
+    not yet recovered) is left alone: only the missing tail is written.
+    Blocks from ``fallocate`` would not do: ext4 marks them unwritten, and
+    the first write to each is a metadata change again.
+
+    Only a speed-up: on a disk without the room (or after any other error)
+    the file is cut back to what it was and the node runs as before."""
+    target = 32 + (_CHECKPOINT_PAGES + _WAL_SPARE_FRAMES) * (24 + page_size)
+    fd = os.open(wal, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        start = size = os.fstat(fd).st_size
+        if size >= target:
+            return
+        zeros = bytes(min(target - size, 1 << 20))
+        try:
+            while size < target:
+                size += os.pwrite(fd, zeros[: target - size], size)
+            os.fsync(fd)
+        except OSError as e:
+            log.warning(
+                "cannot preallocate %s (%s); commits are slower until the file has grown",
+                wal,
+                e.strerror or e,
+                extra={"event": "wal_preallocation_failed"},
+            )
+            os.ftruncate(fd, start)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
