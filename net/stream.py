@@ -117,12 +117,15 @@ class FramedReader:
             return count > 0
 
 
-async def wait_to_coalesce() -> None:
+async def wait_to_coalesce(bound: float = COALESCING_DELAY) -> bool:
     """What a woken writer does before it writes: let every task with work
     queue its messages too (see the module docstring), so that one write
-    carries all of them; at most ``COALESCING_DELAY``."""
-    with trio.move_on_after(COALESCING_DELAY):
+    carries all of them; at most ``bound`` seconds. True if the loop went
+    idle (no task to run, no I/O ready), False if the bound ran out (the
+    node is busy)."""
+    with trio.move_on_after(bound) as scope:
         await trio.testing.wait_all_tasks_blocked()
+    return not scope.cancelled_caught
 
 
 async def send_now(stream: trio.abc.SendStream, data: bytes, send_timeout: float) -> None:
