@@ -14,7 +14,7 @@ from typing import TypeAlias
 
 import attrs
 
-from register.model import Key, NodeId, Tag
+from register.model import Key, NodeId, Tag, Versioned
 
 PROTOCOL_VERSION = 1
 #: the node-to-node protocol spoken after ``peer_hello``; 2 since peer
@@ -137,14 +137,12 @@ class Query:
 
 @attrs.frozen(kw_only=True)
 class QueryReply:
-    """``rid_tag`` and ``rid_request``: the tag and the request fingerprint
-    recorded for the query's rid, if the node has it on record."""
-
     req: int
-    tag: Tag | None
-    value: bytes | None
-    rid_tag: Tag | None = None
-    rid_request: bytes | None = None
+    #: the node's version of the key; ``None``: never written there
+    version: Versioned | None
+    #: what the node has on record for the query's rid: the tag that write
+    #: was stored under and its request fingerprint; ``None``: unknown rid
+    rid_seen: tuple[Tag, bytes] | None = None
 
 
 @attrs.frozen(kw_only=True)

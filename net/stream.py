@@ -148,6 +148,8 @@ async def send_now(stream: trio.abc.SendStream, data: bytes, send_timeout: float
         await stream.send_all(data)
 
 
+_LARGEST_PEER_FRAME_OVERHEAD = peer_frame_overhead(2**32 - 1)
+
 _local = threading.local()
 
 
@@ -188,9 +190,13 @@ class Outbox:
         """Queue one encoded message; ``on_sent`` runs once it is written.
         ``alone``: send it as a frame of its own even on a batching outbox
         (the handshake reply of a peer link is a plain map)."""
-        self._queue.append((message, on_sent, alone))
+        queue = self._queue
+        if not queue:
+            # The writer sleeps only on an empty queue; otherwise it is
+            # busy and will find this message on its next pass.
+            self._wakeup.set()
+        queue.append((message, on_sent, alone))
         self._queued_bytes += len(message)
-        self._wakeup.set()
 
     def close_after_flush(self) -> None:
         """Send what is queued, then let ``run`` return."""
@@ -229,7 +235,7 @@ class Outbox:
         frames: list[bytes] = []
         group: list[bytes] = []
         size = 0
-        budget = self._max_frame - HEADER_SIZE - peer_frame_overhead(2**32 - 1)
+        budget = self._max_frame - HEADER_SIZE - _LARGEST_PEER_FRAME_OVERHEAD
         for m, _, alone in queue:
             if group and (alone or size + len(m) > budget):
                 frames.append(encode_frame(peer_frame_body(group)))

@@ -139,19 +139,23 @@ async def _copy(replica: Replica, link: PeerLink) -> bool:
         after = chunk.next_after
 
 
+class _PageWaiter:
+    def __init__(self) -> None:
+        self.reply: PeerResponse | None = None
+        self.arrived = trio.Event()
+
+    def peer_reply(self, node: NodeId, req: int, reply: PeerResponse | None) -> None:
+        self.reply = reply
+        self.arrived.set()
+
+
 async def _page(link: PeerLink, request: SyncPage) -> SyncChunk:
-    result: list[PeerResponse | None] = []
-    arrived = trio.Event()
-
-    def on_reply(reply: PeerResponse | None) -> None:
-        result.append(reply)
-        arrived.set()
-
-    link.send(request.req, encode_peer(request), on_reply)
+    waiter = _PageWaiter()
+    link.send(request.req, encode_peer(request), waiter)
     with trio.move_on_after(PAGE_TIMEOUT):
-        await arrived.wait()
+        await waiter.arrived.wait()
     link.forget(request.req)
-    reply = result[0] if result else None
+    reply = waiter.reply
     if not isinstance(reply, SyncChunk):
         raise _PageFailed("no answer" if reply is None else f"unexpected {type(reply).__name__}")
     return reply

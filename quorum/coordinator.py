@@ -22,6 +22,7 @@ import collections
 import itertools
 import logging
 from collections.abc import Callable
+from typing import assert_never
 
 import trio
 
@@ -30,9 +31,11 @@ from net.errors import BadRequest, Internal, QkvError, Unavailable
 from net.messages import PeerRequest, PeerResponse, Query, QueryReply, Store, StoreAck
 from quorum.faults import FaultSwitches
 from quorum.operation import (
+    PENDING,
     Done,
     Failed,
     IssueTag,
+    Kind,
     Operation,
     Pending,
     QueryResult,
@@ -43,7 +46,7 @@ from quorum.operation import (
 )
 from quorum.peers import PeerLink
 from quorum.replica import Replica, Update
-from register.model import NodeId, Tag, Versioned
+from register.model import NodeId, Tag
 from register.store import StorageError
 
 __all__ = ["Coordinator", "Finish"]
@@ -59,7 +62,11 @@ Outcome = QueryResult | bool | None
 
 
 class _Run:
-    """One operation being coordinated."""
+    """One operation being coordinated; the ``ReplyWaiter`` of its peer
+    requests. Each phase has a ``req`` of its own, so a reply that carries
+    another one is a straggler of a phase that is over."""
+
+    __slots__ = ("_finish", "_req", "_sent", "coordinator", "deadline", "op", "over")
 
     def __init__(self, coordinator: Coordinator, op: Operation, finish: Finish, deadline: float) -> None:
         self.coordinator = coordinator
@@ -67,8 +74,8 @@ class _Run:
         self._finish = finish
         self.deadline = deadline
         self.over = False
-        self._phase = 0
         self._req = 0
+        #: the links this phase's request went out on (to forget it there)
         self._sent: list[PeerLink] = []
 
     def advance(self, step: Step) -> None:
@@ -79,25 +86,21 @@ class _Run:
             self.finish(Internal(f"{type(exc).__name__}: {exc}"))
 
     def _advance(self, step: Step) -> None:
-        while not self.over:
-            match step:
-                case SendQuery() | SendStore():
-                    self._send(step)
-                    return
-                case IssueTag(seen=seen):
-                    self.coordinator.replica.issue_tag(seen, self._tag_issued)
-                    return
-                case Done():
-                    self.finish(step)
-                    return
-                case Failed(reason=reason):
-                    self.finish(Unavailable(reason))
-                    return
-                case Rejected(reason=reason):
-                    self.finish(BadRequest(reason))
-                    return
-                case Pending():
-                    return
+        match step:
+            case SendQuery() | SendStore():
+                self._send(step)
+            case IssueTag(seen=seen):
+                self.coordinator.replica.issue_tag(seen, self._tag_issued)
+            case Done():
+                self.finish(step)
+            case Failed(reason=reason):
+                self.finish(Unavailable(reason))
+            case Rejected(reason=reason):
+                self.finish(BadRequest(reason))
+            case Pending():
+                pass
+            case _:
+                assert_never(step)
 
     def _tag_issued(self, tag: Tag | StorageError) -> None:
         if self.over:
@@ -110,8 +113,6 @@ class _Run:
     def _send(self, send: SendQuery | SendStore) -> None:
         coordinator = self.coordinator
         self._forget()
-        self._phase += 1
-        phase = self._phase
         self._req = req = next(coordinator.reqs)
         message: PeerRequest
         if isinstance(send, SendQuery):
@@ -120,17 +121,23 @@ class _Run:
             version = send.version
             message = Store(req=req, key=send.key, tag=version.tag, value=version.value, rid=send.rid)
         encoded = encode_peer(message)
-        for node, link in coordinator.links.items():
+        sent = self._sent
+        for link in coordinator.link_list:
+            if link.send(req, encoded, self):
+                sent.append(link)
+        if not self.over:  # not finished by the links failing at once
+            coordinator.local(send, req, self)
 
-            def on_reply(reply: PeerResponse | None, node: NodeId = node) -> None:
-                self.deliver(phase, node, _peer_result(reply))
+    def peer_reply(self, node: NodeId, req: int, reply: PeerResponse | None) -> None:
+        if isinstance(reply, QueryReply):
+            self.deliver(req, node, (reply.version, reply.rid_seen))
+        else:
+            self.deliver(req, node, True if isinstance(reply, StoreAck) else None)
 
-            if link.send(req, encoded, on_reply):
-                self._sent.append(link)
-        coordinator.local(send, lambda outcome: self.deliver(phase, coordinator.me, outcome))
-
-    def deliver(self, phase: int, node: NodeId, outcome: Outcome) -> None:
-        if self.over or phase != self._phase:
+    def deliver(self, req: int, node: NodeId, outcome: Outcome) -> None:
+        """``node``'s outcome for the phase ``req``: its reply, or ``None``
+        when it failed (link down, refused)."""
+        if self.over or req != self._req:
             return  # a straggler of a phase that is over
         try:
             step = self.op.receive(node, outcome)
@@ -138,7 +145,7 @@ class _Run:
             log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
             self.finish(Internal(f"{type(exc).__name__}: {exc}"))
             return
-        if not isinstance(step, Pending):
+        if step is not PENDING:
             self.advance(step)
 
     def finish(self, result: Done | QkvError) -> None:
@@ -146,12 +153,16 @@ class _Run:
             return
         self.over = True
         self._forget()
+        self.coordinator.count(self.op, result)
         self._finish(result)
 
     def _forget(self) -> None:
-        for link in self._sent:
-            link.forget(self._req)
-        self._sent.clear()
+        sent = self._sent
+        if sent:
+            req = self._req
+            for link in sent:
+                link.forget(req)
+            sent.clear()
 
 
 class Coordinator:
@@ -168,6 +179,7 @@ class Coordinator:
         self.switches = switches
         self.timeout = timeout
         self.nodes = frozenset([self.me, *links])
+        self.link_list = list(links.values())
         self.reqs = itertools.count(1)
         self._deadlines: collections.deque[_Run] = collections.deque()
         self._timer_wakeup = trio.Event()
@@ -177,19 +189,17 @@ class Coordinator:
     def start(self, op: Operation, finish: Finish) -> None:
         """Coordinate ``op``; ``finish`` gets its result, or ``Unavailable``
         once the request timeout has passed."""
-
-        def count(result: Done | QkvError) -> None:
-            if isinstance(result, Done) and op.kind.value == "get":
-                if result.wrote_back:
-                    self.write_backs += 1
-                else:
-                    self.fast_reads += 1
-            finish(result)
-
-        run = _Run(self, op, count, trio.current_time() + self.timeout)
+        run = _Run(self, op, finish, trio.current_time() + self.timeout)
         self._deadlines.append(run)
         self._timer_wakeup.set()
         run.advance(op.start())
+
+    def count(self, op: Operation, result: Done | QkvError) -> None:
+        if isinstance(result, Done) and op.kind is Kind.GET:
+            if result.wrote_back:
+                self.write_backs += 1
+            else:
+                self.fast_reads += 1
 
     async def run_deadlines(self) -> None:
         """The timer task: fail every operation still running at its
@@ -215,29 +225,17 @@ class Coordinator:
             if not run.over:
                 run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
 
-    def local(self, send: SendQuery | SendStore, deliver: Callable[[Outcome], None]) -> None:
+    def local(self, send: SendQuery | SendStore, req: int, run: _Run) -> None:
         """This node's own replica takes part in every phase."""
         replica = self.replica
+        me = self.me
         if isinstance(send, SendQuery):
             if replica.ready or self.switches.serve_before_catch_up:
-                record = replica.rid_record(send.rid)
-                deliver((replica.get(send.key), None if record is None else (record.tag, record.request)))
+                run.deliver(req, me, (replica.get(send.key), replica.rid_seen(send.rid)))
             else:
-                deliver(None)
+                run.deliver(req, me, None)
         else:
             replica.submit(
                 [Update(send.key, send.version, send.rid)],
-                lambda error: deliver(error is None or None),
+                lambda error: run.deliver(req, me, error is None or None),
             )
-
-
-def _peer_result(reply: PeerResponse | None) -> Outcome:
-    """A peer's reply as the operation sees it (``None``: that node failed)."""
-    if isinstance(reply, QueryReply):
-        held = None if reply.tag is None else Versioned(reply.tag, reply.value)
-        if reply.rid_tag is None or reply.rid_request is None:
-            return held, None
-        return held, (reply.rid_tag, reply.rid_request)
-    if isinstance(reply, StoreAck):
-        return True
-    return None

@@ -57,31 +57,39 @@ class Vote(Generic[R]):
     replies: dict[NodeId, R] = attrs.field(factory=dict)
     failures: set[NodeId] = attrs.field(factory=set)
     decision: Decision = Decision.PENDING
+    needed: int = attrs.field(init=False)
 
-    @property
-    def needed(self) -> int:
-        return majority(len(self.nodes)) if self.quorum is None else self.quorum
+    def __attrs_post_init__(self) -> None:
+        self.needed = majority(len(self.nodes)) if self.quorum is None else self.quorum
+
+    # A reply can only win the vote and a failure only lose it, so each
+    # checks its own condition (this runs for every reply of every phase).
 
     def reply(self, node: NodeId, value: R) -> Decision:
-        if self.decision is Decision.PENDING and node in self.nodes and not self._heard(node):
-            self.replies[node] = value
-            self._decide()
+        replies = self.replies
+        if (
+            self.decision is Decision.PENDING
+            and node in self.nodes
+            and node not in replies
+            and node not in self.failures
+        ):
+            replies[node] = value
+            if len(replies) >= self.needed:
+                self.decision = Decision.WON
         return self.decision
 
     def fail(self, node: NodeId) -> Decision:
-        if self.decision is Decision.PENDING and node in self.nodes and not self._heard(node):
-            self.failures.add(node)
-            self._decide()
+        failures = self.failures
+        if (
+            self.decision is Decision.PENDING
+            and node in self.nodes
+            and node not in self.replies
+            and node not in failures
+        ):
+            failures.add(node)
+            if len(self.nodes) - len(failures) < self.needed:
+                self.decision = Decision.LOST
         return self.decision
-
-    def _heard(self, node: NodeId) -> bool:
-        return node in self.replies or node in self.failures
-
-    def _decide(self) -> None:
-        if len(self.replies) >= self.needed:
-            self.decision = Decision.WON
-        elif len(self.nodes) - len(self.failures) < self.needed:
-            self.decision = Decision.LOST
 
 
 @attrs.frozen

@@ -1,10 +1,11 @@
 """A node's Prometheus metrics (prometheus-client), one registry per node
 so that nodes in one process (tests, ``qkv cluster``) keep theirs apart.
 
-Requests and storage commits are observed as they happen (counters and
-histograms); everything the node already counts (quorum phases, peer
-links, connections, keys) is read when scraped, by a collector, so it costs
-nothing between scrapes. ``render`` gives the text exposition format;
+Storage commits are observed as they happen (histograms, once per group
+commit); everything the node already counts (requests and their latencies
+in ``quorum.stats``, quorum phases, peer links, connections, keys) is read
+when scraped, by a collector, so a request costs nothing here between
+scrapes. ``render`` gives the text exposition format;
 ``net.metrics_http`` serves it.
 """
 
@@ -15,13 +16,13 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from quorum.node import Node
@@ -31,8 +32,6 @@ __all__ = ["NodeMetrics"]
 # The ``*_created`` timestamps of every counter and histogram are noise here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: seconds: from a fast read on loopback (~0.3 ms) to the request deadline
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COMMIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 STATES = ("serving", "recovering", "isolated", "stopping")
@@ -41,19 +40,6 @@ STATES = ("serving", "recovering", "isolated", "stopping")
 class NodeMetrics:
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter(
-            "qkv_requests",
-            "Client requests answered, by op and outcome (ok or the error code).",
-            ["op", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "qkv_request_duration_seconds",
-            "Time from a client request's arrival to its answer, by op.",
-            ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
         self.commit_latency = Histogram(
             "qkv_storage_commit_duration_seconds",
             "Duration of one storage commit (one group commit).",
@@ -66,23 +52,7 @@ class NodeMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self._request_counters: dict[tuple[str, str], Counter] = {}
-        self._latency_histograms: dict[str, Histogram] = {}
-        for op in ("get", "set", "delete"):
-            self.latency.labels(op)  # present (at zero) before the first request
         self.registry.register(_NodeCollector(node))
-
-    def observe_request(self, op: str, outcome: str, seconds: float) -> None:
-        # labels() validates and locks on every call: look each child up once.
-        key = (op, outcome)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._request_counters[key] = self.requests.labels(op, outcome)
-        counter.inc()
-        histogram = self._latency_histograms.get(op)
-        if histogram is None:
-            histogram = self._latency_histograms[op] = self.latency.labels(op)
-        histogram.observe(seconds)
 
     def observe_commit(self, seconds: float, updates: int) -> None:
         self.commit_latency.observe(seconds)
@@ -99,6 +69,24 @@ class _NodeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         node = self._node
+        stats = node.stats
+        requests = CounterMetricFamily(
+            "qkv_requests",
+            "Client requests answered, by op and outcome (ok or the error code).",
+            labels=["op", "outcome"],
+        )
+        for (op, outcome), count in sorted(stats.counts.items()):
+            requests.add_metric([op, outcome], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "qkv_request_duration_seconds",
+            "Time from a client request's arrival to its answer, by op.",
+            labels=["op"],
+        )
+        for op, latencies in sorted(stats.latencies.items()):
+            buckets = [(_le(bound), count) for bound, count in latencies.cumulative()]
+            latency.add_metric([op], buckets, latencies.total)
+        yield latency
         coordinator = node.coordinator
         yield _counter("qkv_quorum_fast_reads", "Gets answered after one round trip.", coordinator.fast_reads)
         yield _counter(
@@ -135,6 +123,12 @@ class _NodeCollector(Collector):
         yield _gauge("qkv_max_counter", "The highest tag counter held.", replica.max_counter)
         yield _counter("qkv_storage_commits", "Storage commits made.", replica.commits)
         yield _counter("qkv_storage_committed_updates", "Updates made durable.", replica.committed_updates)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+    return text
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -134,8 +134,9 @@ class Node:
         self.resp_address: Address | None = None
         self.draining = False
         self.requests_in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        #: set when the last request in flight finishes, while a shutdown
+        #: waits for that
+        self._idle: trio.Event | None = None
         self.stopped = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self.stats = RequestStats(time.monotonic())
@@ -166,20 +167,13 @@ class Node:
             return
         op_name = _OP_NAMES.get(type(request), "other")
         started = time.monotonic()
-
-        def answer(reply: Reply) -> None:
-            outcome = reply.error if isinstance(reply, ErrorReply) else "ok"
-            now = time.monotonic()
-            self.stats.record(op_name, outcome, now)
-            self.metrics.observe_request(op_name, outcome, now - started)
-            respond(reply)
-
         if self.draining:
-            answer(error_reply(ShuttingDown("node is shutting down", request_id=request.id)))
+            refusal = error_reply(ShuttingDown("node is shutting down", request_id=request.id))
+            self._answer(op_name, started, refusal, respond)
             return
         if not (self.replica.ready or self.switches.serve_before_catch_up):
             message = f"node {self.id} is recovering (catching up after a new or lost data dir)"
-            answer(error_reply(Unavailable(message, request_id=request.id)))
+            self._answer(op_name, started, error_reply(Unavailable(message, request_id=request.id)), respond)
             return
         switches = self.switches
         match request:
@@ -192,19 +186,24 @@ class Node:
             case Delete(key=key, rid=rid):
                 op = Operation.delete(key, self.coordinator.nodes, rid, write_quorum=switches.write_quorum)
             case _:
-                answer(ErrorReply(id=request.id, error="bad_request", message="not a client request"))
+                refusal = ErrorReply(id=request.id, error="bad_request", message="not a client request")
+                self._answer(op_name, started, refusal, respond)
                 return
         self.requests_in_flight += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
 
         def finish(result: Done | QkvError) -> None:
             self.requests_in_flight -= 1
-            if not self.requests_in_flight:
+            if not self.requests_in_flight and self._idle is not None:
                 self._idle.set()
-            answer(_reply(request, result))
+            self._answer(op_name, started, _reply(request, result), respond)
 
         self.coordinator.start(op, finish)
+
+    def _answer(self, op_name: str, started: float, reply: Reply, respond: Callable[[Reply], None]) -> None:
+        now = time.monotonic()
+        outcome = reply.error if isinstance(reply, ErrorReply) else "ok"
+        self.stats.record(op_name, outcome, now, now - started)
+        respond(reply)
 
     def node_stats(self) -> NodeStats:
         """This node's numbers, as ``qkv status`` shows them."""
@@ -327,8 +326,12 @@ class Node:
                 extra={"event": "shutdown", "node": self.id, "in_flight": self.requests_in_flight},
             )
         wait = self.config.request_timeout + 1 if grace is None else grace
-        with trio.move_on_after(wait):
-            await self._idle.wait()
+        if self.requests_in_flight:
+            # Draining: no request starts any more, so once set it stays set.
+            if self._idle is None:
+                self._idle = trio.Event()
+            with trio.move_on_after(wait):
+                await self._idle.wait()
         self._cancel.cancel()
         await self.stopped.wait()
 

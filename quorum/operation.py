@@ -32,6 +32,7 @@ from quorum.decide import Decision, Vote, majority, read_outcome
 from register.model import Key, NodeId, Tag, Versioned, request_fingerprint
 
 __all__ = [
+    "PENDING",
     "Done",
     "Failed",
     "IssueTag",

@@ -185,14 +185,8 @@ class PeerService:
             match message:
                 case Query(req=req, key=key, rid=rid):
                     if replica.ready or self.switches.serve_before_catch_up:
-                        held = replica.get(key)
-                        record = replica.rid_record(rid)
                         reply: QueryReply | Refused = QueryReply(
-                            req=req,
-                            tag=None if held is None else held.tag,
-                            value=None if held is None else held.value,
-                            rid_tag=None if record is None else record.tag,
-                            rid_request=None if record is None else record.request,
+                            req=req, version=replica.get(key), rid_seen=replica.rid_seen(rid)
                         )
                     else:
                         reply = Refused(req=req, reason="recovering")

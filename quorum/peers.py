@@ -10,13 +10,18 @@ A link never makes anyone wait for it: while it is down, or its outbox is
 over its limit (a slow peer), ``send`` fails the request at once, and the
 phase goes on with the other nodes. When the connection breaks, every
 request waiting on it fails at once. It reconnects with exponential backoff.
+
+Whoever sends a request is its ``ReplyWaiter``: the link calls its
+``peer_reply`` with the reply, or with ``None`` when the request failed. A
+waiter is an object rather than a callback so that an operation waiting on
+every peer of a phase needs no closure per peer.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -35,11 +40,15 @@ from net.tls import wrap_client
 from quorum.peer_auth import acceptor_proof, dialer_proof, new_nonce, proof_ok
 from register.model import NodeId
 
-__all__ = ["OnReply", "PeerLink"]
+__all__ = ["PeerLink", "ReplyWaiter"]
 
 log = logging.getLogger("qkv.peers")
 
-OnReply = Callable[[PeerResponse | None], None]
+
+class ReplyWaiter(Protocol):
+    def peer_reply(self, node: NodeId, req: int, reply: PeerResponse | None) -> None:
+        """The reply of ``node`` to request ``req``; ``None``: it failed."""
+
 
 CONNECT_TIMEOUT = 1.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
@@ -67,7 +76,7 @@ class PeerLink:
         self._send_timeout = send_timeout
         self._outbox_limit = outbox_limit
         self._outbox: Outbox | None = None
-        self._pending: dict[int, OnReply] = {}
+        self._pending: dict[int, ReplyWaiter] = {}
         self.up = trio.Event()
         self.peer_state = "unknown"
 
@@ -75,15 +84,15 @@ class PeerLink:
     def connected(self) -> bool:
         return self._outbox is not None
 
-    def send(self, req: int, encoded: bytes, on_reply: OnReply) -> bool:
-        """Send an encoded request; ``on_reply`` gets the reply, or ``None``
-        if the link fails first. Returns False (having called ``on_reply``
-        with ``None``) when the request cannot be sent now."""
+    def send(self, req: int, encoded: bytes, waiter: ReplyWaiter) -> bool:
+        """Send an encoded request; ``waiter`` gets the reply, or ``None``
+        if the link fails first. Returns False (having given ``waiter``
+        ``None``) when the request cannot be sent now."""
         outbox = self._outbox
         if outbox is None or outbox.queued_bytes > self._outbox_limit:
-            on_reply(None)
+            waiter.peer_reply(self.peer, req, None)
             return False
-        self._pending[req] = on_reply
+        self._pending[req] = waiter
         outbox.put(encoded)
         return True
 
@@ -125,8 +134,8 @@ class PeerLink:
             # the next successful connection sets.
             self.up = trio.Event()
         pending, self._pending = self._pending, {}
-        for on_reply in pending.values():
-            on_reply(None)
+        for req, waiter in pending.items():
+            waiter.peer_reply(self.peer, req, None)
 
     async def _session(self) -> None:
         with trio.fail_after(CONNECT_TIMEOUT):
@@ -180,15 +189,17 @@ class PeerLink:
                 nursery.cancel_scope.cancel()
 
     async def _read_replies(self, reader: FramedReader) -> None:
+        pending, peer = self._pending, self.peer
         while True:
             bodies = await reader.receive()
             if not bodies:
                 raise trio.BrokenResourceError("peer closed the connection")
             for body in bodies:
                 for message in decode_peer_frame(body):
-                    on_reply = self._pending.pop(message.req, None)
-                    if on_reply is not None:
-                        on_reply(message)  # type: ignore[arg-type]
+                    req = message.req
+                    waiter = pending.pop(req, None)
+                    if waiter is not None:
+                        waiter.peer_reply(peer, req, message)  # type: ignore[arg-type]
 
 
 class _HandshakeFailed(Exception):

@@ -112,8 +112,13 @@ class Replica:
     def get(self, key: Key) -> Versioned | None:
         return self.state.get(key)
 
-    def rid_record(self, rid: bytes | None) -> RidRecord | None:
-        return None if rid is None else self.rids.lookup(rid)
+    def rid_seen(self, rid: bytes | None) -> tuple[Tag, bytes] | None:
+        """What this node has on record for ``rid``: the tag its write was
+        stored under and the write's fingerprint (``None``: unknown)."""
+        if rid is None:
+            return None
+        record = self.rids.lookup(rid)
+        return None if record is None else (record.tag, record.request)
 
     # --- writes ------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from net.messages import (
     SyncPage,
     WriteReply,
 )
-from register.model import NodeId, Tag
+from register.model import NodeId, Tag, Versioned
 from tests.strategies import keys, node_ids, rids, tags, values
 
 LIMITS = Limits()
@@ -65,7 +65,12 @@ maybe_rids = st.none() | rids
 
 peer_messages: st.SearchStrategy[PeerMessage] = st.one_of(
     st.builds(Query, req=u64, key=keys, rid=maybe_rids),
-    st.builds(QueryReply, req=u64, tag=maybe_peer_tags, value=maybe_values, rid_tag=maybe_peer_tags),
+    st.builds(
+        QueryReply,
+        req=u64,
+        version=st.none() | st.builds(Versioned, peer_tags, maybe_values),
+        rid_seen=st.none() | st.tuples(peer_tags, st.binary(min_size=16, max_size=16)),
+    ),
     st.builds(Store, req=u64, key=keys, tag=peer_tags, value=maybe_values, rid=maybe_rids),
     st.builds(StoreAck, req=u64),
     st.builds(Refused, req=u64, reason=texts),
@@ -129,6 +134,9 @@ def test_peer_frame_of_many_messages(messages: list[PeerMessage]) -> None:
         ["s", 1, b"k", [1, b"n1"], None, None],  # bin writer
         ["s", 1, b"k", [2**63, "n1"], None, None],  # counter beyond a signed 64-bit store
         ["qr", 1, [2**64 - 1, "n1"], b"v", None, None],  # the same in a reply
+        ["qr", 1, None, b"v", None, None],  # a value without a tag
+        ["qr", 1, [1, "n1"], b"v", [1, "n1"], None],  # a rid record without its fingerprint
+        ["qr", 1, [1, "n1"], b"v", None, b"f" * 16],  # ... or without its tag
         ["no", 1, b"reason"],  # bin reason
         ["sc", 1, [[b"k", [1, "n1"]]], None, False],  # entry without value
         ["sc", 1, [], None, 0],  # int for bool

@@ -3,6 +3,9 @@ rate window of ``quorum.stats``."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import trio
 
 from cli.status import ClusterStatus, ping_all
@@ -13,10 +16,15 @@ from quorum.stats import RequestStats
 def test_request_stats_counts_and_rates_over_the_window() -> None:
     stats = RequestStats(now=100.0, window=10)
     for i in range(20):
-        stats.record("get", "ok", 100.0 + i * 0.5)  # 2 per second for 10 s
-    stats.record("set", "unavailable", 109.5)
+        stats.record("get", "ok", 100.0 + i * 0.5, 0.002)  # 2 per second for 10 s
+    stats.record("set", "unavailable", 109.5, 2.0)
     assert stats.requests == 21 and stats.errors == 1
     assert stats.counts[("get", "ok")] == 20
+    gets = stats.latencies["get"]
+    assert gets.count == 20 and gets.total == pytest.approx(0.04)
+    assert dict(gets.cumulative())[0.001] == 0 and dict(gets.cumulative())[0.0025] == 20
+    assert stats.latencies["set"].cumulative()[-1] == (math.inf, 1)
+    assert dict(stats.latencies["set"].cumulative())[1.0] == 0
     requests, errors = stats.rates(110.0)
     assert (requests, errors) == (1.9, 0.1)  # seconds 101..110: 18 gets and the set
     # 30 s later, nothing recent: rates fall to zero, totals stay
