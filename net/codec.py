@@ -63,6 +63,7 @@ __all__ = [
     "structure_reply",
     "unpack_reply",
     "peer_frame_body",
+    "peer_frame_header",
     "peer_frame_overhead",
 ]
 
@@ -321,16 +322,17 @@ def encode_peer(message: PeerMessage) -> bytes:
 
 def peer_frame_overhead(count: int) -> int:
     """Bytes added by ``peer_frame_body`` around ``count`` messages."""
-    return len(_array_header(count))
+    return len(peer_frame_header(count))
+
+
+def peer_frame_header(count: int) -> bytes:
+    """What precedes ``count`` packed messages in a peer frame body."""
+    return cast(bytes, _packer.pack_array_header(count))
 
 
 def peer_frame_body(encoded: Sequence[bytes]) -> bytes:
     """A peer frame body: a MessagePack array of already-packed messages."""
-    return _array_header(len(encoded)) + b"".join(encoded)
-
-
-def _array_header(count: int) -> bytes:
-    return cast(bytes, _packer.pack_array_header(count))
+    return peer_frame_header(len(encoded)) + b"".join(encoded)
 
 
 def decode_peer_frame(body: bytes) -> list[PeerMessage]:

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["EmptyFrame", "FrameDecoder", "FrameError", "FrameTooLarge", "encode_frame", "HEADER_SIZE"]
+__all__ = [
+    "HEADER_SIZE",
+    "EmptyFrame",
+    "FrameDecoder",
+    "FrameError",
+    "FrameTooLarge",
+    "encode_frame",
+    "frame_header",
+]
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
@@ -35,10 +43,15 @@ class EmptyFrame(FrameError):
         super().__init__("frame length must be at least 1")
 
 
+def frame_header(length: int) -> bytes:
+    """The 4 bytes that announce a body of ``length`` bytes."""
+    if not 1 <= length <= MAX_LENGTH:
+        raise ValueError(f"frame body of {length} bytes cannot be framed")
+    return _HEADER.pack(length)
+
+
 def encode_frame(body: bytes) -> bytes:
-    if not 1 <= len(body) <= MAX_LENGTH:
-        raise ValueError(f"frame body of {len(body)} bytes cannot be framed")
-    return _HEADER.pack(len(body)) + body
+    return frame_header(len(body)) + body
 
 
 class FrameDecoder:

@@ -35,8 +35,8 @@ from collections.abc import Callable
 import trio
 import trio.testing
 
-from net.codec import peer_frame_body, peer_frame_overhead
-from net.framing import HEADER_SIZE, FrameDecoder, encode_frame
+from net.codec import peer_frame_header, peer_frame_overhead
+from net.framing import HEADER_SIZE, FrameDecoder, frame_header
 
 __all__ = ["FramedReader", "Outbox", "send_now", "wait_to_coalesce"]
 
@@ -161,6 +161,15 @@ def _scratch() -> bytearray:
 
 
 class Outbox:
+    """The writer of one connection (see the module docstring).
+
+    Messages are framed as they are queued: ``_chunks`` holds the bytes of
+    the next write in order (frame headers and bodies, never joined until
+    the write), and on a batching outbox ``_group`` holds the messages of
+    the peer frame being filled, closed into ``_chunks`` when the next
+    message would push it past ``max_frame`` (or one must travel alone).
+    """
+
     def __init__(
         self,
         stream: trio.abc.SendStream,
@@ -172,11 +181,15 @@ class Outbox:
     ) -> None:
         self._send_timeout = send_timeout
         self._stream = stream
-        self._max_frame = max_frame
         self._batch = batch
         self._high_water = high_water
-        # (encoded message, callback once written, travels in a frame alone)
-        self._queue: list[tuple[bytes, Callable[[], None] | None, bool]] = []
+        #: message bytes a peer frame may carry beside its array header
+        self._budget = max_frame - HEADER_SIZE - _LARGEST_PEER_FRAME_OVERHEAD
+        self._chunks: list[bytes] = []
+        self._group: list[bytes] = []
+        self._group_bytes = 0
+        #: callbacks of queued messages, to run once they are written
+        self._on_sent: list[Callable[[], None]] = []
         self._queued_bytes = 0
         self._wakeup = trio.Event()
         self._drained = trio.Event()
@@ -190,13 +203,30 @@ class Outbox:
         """Queue one encoded message; ``on_sent`` runs once it is written.
         ``alone``: send it as a frame of its own even on a batching outbox
         (the handshake reply of a peer link is a plain map)."""
-        queue = self._queue
-        if not queue:
-            # The writer sleeps only on an empty queue; otherwise it is
-            # busy and will find this message on its next pass.
+        if not self._queued_bytes:
+            # The writer sleeps only while nothing is queued; otherwise it
+            # is busy and finds this message on its next pass.
             self._wakeup.set()
-        queue.append((message, on_sent, alone))
-        self._queued_bytes += len(message)
+        size = len(message)
+        self._queued_bytes += size
+        if self._batch and not alone:
+            if self._group_bytes + size > self._budget and self._group:
+                self._close_group()
+            self._group.append(message)
+            self._group_bytes += size
+        else:
+            if self._group:
+                self._close_group()  # keep the order of messages
+            self._chunks += (frame_header(size), message)
+        if on_sent is not None:
+            self._on_sent.append(on_sent)
+
+    def _close_group(self) -> None:
+        group = self._group
+        header = peer_frame_header(len(group))
+        self._chunks += (frame_header(len(header) + self._group_bytes), header, *group)
+        self._group = []
+        self._group_bytes = 0
 
     def close_after_flush(self) -> None:
         """Send what is queued, then let ``run`` return."""
@@ -214,37 +244,20 @@ class Outbox:
         """The writer task. Returns after ``close_after_flush``; trio's
         broken/closed stream errors and ``TooSlowError`` propagate."""
         while True:
-            if not self._queue:
+            if not self._queued_bytes:
                 if self._closing:
                     return
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 await wait_to_coalesce()
                 continue
-            queue, self._queue = self._queue, []
+            if self._group:
+                self._close_group()
+            data = b"".join(self._chunks)
+            callbacks = self._on_sent
+            self._chunks, self._on_sent = [], []
             self._queued_bytes = 0
             self._drained.set()
-            await send_now(self._stream, self._pack(queue), self._send_timeout)
-            for _, on_sent, _ in queue:
-                if on_sent is not None:
-                    on_sent()
-
-    def _pack(self, queue: list[tuple[bytes, Callable[[], None] | None, bool]]) -> bytes:
-        if not self._batch:
-            return b"".join(encode_frame(m) for m, _, _ in queue)
-        frames: list[bytes] = []
-        group: list[bytes] = []
-        size = 0
-        budget = self._max_frame - HEADER_SIZE - _LARGEST_PEER_FRAME_OVERHEAD
-        for m, _, alone in queue:
-            if group and (alone or size + len(m) > budget):
-                frames.append(encode_frame(peer_frame_body(group)))
-                group, size = [], 0
-            if alone:
-                frames.append(encode_frame(m))
-                continue
-            group.append(m)
-            size += len(m)
-        if group:
-            frames.append(encode_frame(peer_frame_body(group)))
-        return b"".join(frames)
+            await send_now(self._stream, data, self._send_timeout)
+            for on_sent in callbacks:
+                on_sent()

@@ -80,27 +80,24 @@ class _Run:
 
     def advance(self, step: Step) -> None:
         try:
-            self._advance(step)
+            match step:
+                case SendQuery() | SendStore():
+                    self._send(step)
+                case IssueTag(seen=seen):
+                    self.coordinator.replica.issue_tag(seen, self._tag_issued)
+                case Done():
+                    self.finish(step)
+                case Failed(reason=reason):
+                    self.finish(Unavailable(reason))
+                case Rejected(reason=reason):
+                    self.finish(BadRequest(reason))
+                case Pending():
+                    pass
+                case _:
+                    assert_never(step)
         except Exception as exc:  # a bug: fail this request, not the node
             log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
             self.finish(Internal(f"{type(exc).__name__}: {exc}"))
-
-    def _advance(self, step: Step) -> None:
-        match step:
-            case SendQuery() | SendStore():
-                self._send(step)
-            case IssueTag(seen=seen):
-                self.coordinator.replica.issue_tag(seen, self._tag_issued)
-            case Done():
-                self.finish(step)
-            case Failed(reason=reason):
-                self.finish(Unavailable(reason))
-            case Rejected(reason=reason):
-                self.finish(BadRequest(reason))
-            case Pending():
-                pass
-            case _:
-                assert_never(step)
 
     def _tag_issued(self, tag: Tag | StorageError) -> None:
         if self.over:
@@ -190,8 +187,10 @@ class Coordinator:
         """Coordinate ``op``; ``finish`` gets its result, or ``Unavailable``
         once the request timeout has passed."""
         run = _Run(self, op, finish, trio.current_time() + self.timeout)
-        self._deadlines.append(run)
-        self._timer_wakeup.set()
+        deadlines = self._deadlines
+        if not deadlines:
+            self._timer_wakeup.set()  # the timer task sleeps only on an empty queue
+        deadlines.append(run)
         run.advance(op.start())
 
     def count(self, op: Operation, result: Done | QkvError) -> None:

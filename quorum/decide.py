@@ -111,16 +111,19 @@ def read_outcome(replies: Iterable[Versioned | None], quorum: int) -> ReadOutcom
     it and return an older value, so the winner must first be written back.
     Tags are compared, never values: a tag names one write.
     """
-    versions = list(replies)
     winner: Versioned | None = None
-    for v in versions:
-        if v is not None and (winner is None or v.tag > winner.tag):
-            winner = v
+    agreeing = 0  # replies that carry exactly the winner's tag
+    for v in replies:
+        if v is None:
+            continue
+        if winner is None or v.tag > winner.tag:
+            winner, agreeing = v, 1
+        elif v.tag == winner.tag:
+            agreeing += 1
     if winner is None:
         # Nothing written in this majority: "not found" is already the state
         # of a majority, so there is nothing to write back.
         return ReadOutcome(None, write_back=False)
-    agreeing = sum(1 for v in versions if v is not None and v.tag == winner.tag)
     return ReadOutcome(winner, write_back=agreeing < quorum)
 
 

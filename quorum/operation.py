@@ -24,11 +24,11 @@ The rules (see ``quorum.decide`` for the decisions themselves):
 from __future__ import annotations
 
 import enum
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import attrs
 
-from quorum.decide import Decision, Vote, majority, read_outcome
+from quorum.decide import Decision, Vote, read_outcome
 from register.model import Key, NodeId, Tag, Versioned, request_fingerprint
 
 __all__ = [
@@ -163,37 +163,34 @@ class Operation:
     def receive(self, node: NodeId, reply: QueryResult | bool | None) -> Step:
         """The outcome of ``node`` for the current phase: its reply, or
         ``None`` if it failed (unreachable, refused, link broken)."""
-        if self.phase is Phase.QUERY:
-            assert self._queries is not None
-            if reply is None:
-                decision = self._queries.fail(node)
-            else:
-                assert isinstance(reply, tuple)
-                decision = self._queries.reply(node, reply)
-            return self._after_query() if decision is not Decision.PENDING else PENDING
-        if self.phase is Phase.STORE:
-            assert self._stores is not None
-            decision = self._stores.fail(node) if not reply else self._stores.reply(node, True)
-            return self._after_store() if decision is not Decision.PENDING else PENDING
+        phase = self.phase
+        if phase is Phase.QUERY:
+            queries = self._queries
+            assert queries is not None
+            decision = queries.fail(node) if reply is None else queries.reply(node, cast(QueryResult, reply))
+            return PENDING if decision is Decision.PENDING else self._after_query(queries)
+        if phase is Phase.STORE:
+            stores = self._stores
+            assert stores is not None
+            decision = stores.reply(node, True) if reply else stores.fail(node)
+            return PENDING if decision is Decision.PENDING else self._after_store(stores)
         return PENDING  # a straggler of a finished phase
 
     def tag_issued(self, tag: Tag) -> Step:
         assert self.phase is Phase.TAG
         return self._store_phase(SendStore(self.key, Versioned(tag, self.value), self.rid))
 
-    def _after_query(self) -> Step:
-        votes = self._queries
-        assert votes is not None
+    def _after_query(self, votes: Vote[QueryResult]) -> Step:
         if votes.decision is Decision.LOST:
             return self._fail(votes)
-        replies = list(votes.replies.values())
+        replies = votes.replies.values()
         if self.kind is Kind.GET:
-            outcome = read_outcome((v for v, _ in replies), majority(len(self.nodes)))
-            self._read = outcome.winner
-            if outcome.winner is None or not outcome.write_back or self.skip_write_back:
+            outcome = read_outcome([v for v, _ in replies], votes.needed)
+            self._read = winner = outcome.winner
+            if winner is None or not outcome.write_back or self.skip_write_back:
                 self.phase = Phase.OVER
-                return Done(outcome.winner)
-            return self._store_phase(SendStore(self.key, outcome.winner, None))
+                return Done(winner)
+            return self._store_phase(SendStore(self.key, winner, None))
         seen = [record for _, record in replies if record is not None]
         if seen:
             mine = request_fingerprint(self.key, self.value)
@@ -215,9 +212,8 @@ class Operation:
         self._store = store
         return store
 
-    def _after_store(self) -> Step:
-        votes = self._stores
-        assert votes is not None and self._store is not None
+    def _after_store(self, votes: Vote[bool]) -> Step:
+        assert self._store is not None
         if votes.decision is Decision.LOST:
             return self._fail(votes)
         self.phase = Phase.OVER

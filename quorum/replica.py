@@ -1,30 +1,33 @@
 """A node's replica: its register state, durable storage and group commit.
 
-The state is an immutable mapping (``register.state``) that only the commit
-task replaces, in one assignment, after the batch that changed it is
-durable. So whatever a query reads has been fsynced: a node never reports a
-version it could lose in a crash, which the read fast path relies on.
+The state is an immutable mapping (``register.state``) that the replica
+replaces, in one assignment, once the batch that changed it is durable. So
+whatever a query reads has been fsynced: a node never reports a version it
+could lose in a crash, which the read fast path relies on.
 
-Group commit: ``submit`` queues updates and returns at once; the commit task
-takes everything queued, merges it into the state, writes the changes in one
-``Store.write`` (in the loop or a worker thread, below), swaps the state in,
-and only then calls every waiting ``done`` callback. Under load many
-requests' updates share one fsync.
+Group commit, pipelined: ``submit`` queues updates and returns at once. The
+commit task takes everything queued, merges it into the newest state (the
+*head*: durable state plus what is applied but not yet synced), and
+``apply``s the batch to the store in the event loop (page cache, no fsync:
+a fraction of a millisecond). A ``sync`` (the fsync) then runs in the
+replica's disk thread, and when it returns, every batch applied before it
+started is durable: the state swaps to the head of the last of them and
+their ``done`` callbacks run. While one sync is on the disk, the next
+batches are applied, and the next sync covers them all: the disk never
+waits for the loop and the loop never waits for the disk.
 
-Where a commit runs: a disk engine's write blocks. It runs in the event
-loop itself when the node is idle, the previous write took under
-``INLINE_COMMIT_LIMIT`` and the batch is small (``INLINE_COMMIT_ROWS``,
-``INLINE_COMMIT_BYTES``); in a worker thread otherwise. Handing a write to
-a thread and its result back costs two wake-ups, 0.3-0.5 ms each way on the
-development VM, more than a fast commit (~0.3 ms), and that is what a
-lightly loaded node's writes wait for. But a write in the loop stalls every
-client of the node: so a busy node (the loop not idle within ``IDLE_WAIT``)
-keeps serving while the thread commits, and one slow write (a disk stall, a
-checkpoint) sends the next ones to the thread until a write is fast again.
-Before an in-loop commit the task lets every task woken with work run first
-(``wait_to_coalesce``): the store messages the same operations queued for
-the peers leave before this node's commit holds the loop, so the peers
-commit while it does.
+Where a sync runs: handing it to the thread and getting the result back
+costs two wake-ups, 0.3-0.5 ms each way on the development VM, more than a
+fast fsync (~0.15 ms), and that is what a lightly loaded node's writes wait
+for. So while the node is idle (the loop goes idle within ``IDLE_WAIT`` of
+the commit task waking), nothing else is syncing, the previous sync took
+under ``INLINE_SYNC_LIMIT`` and the batch is small, the sync runs in the
+loop itself. Before it does, the task lets every task woken with the same
+work run first (``wait_to_coalesce``): the store messages the operations
+queued for the peers leave before this node's fsync holds the loop, so the
+peers commit while it does. A batch too large to apply quickly
+(``THREAD_APPLY_ROWS``, ``THREAD_APPLY_BYTES``) is applied in the thread as
+well, so that it never stalls the node's other clients.
 
 Tag uniqueness across restarts: the highest counter this node issued is
 covered by ``Meta.counter_reserved``, persisted ahead of use in steps of
@@ -39,9 +42,11 @@ import time
 from collections.abc import Callable, Iterable
 
 import attrs
+import outcome
 import trio
 
 from net.stream import wait_to_coalesce
+from quorum.disk_thread import DiskThread
 from register.model import Key, NodeId, RidRecord, Tag, Versioned, request_fingerprint
 from register.rids import RidTable
 from register.state import RegisterState, apply_updates, empty_state, highest_counter
@@ -52,14 +57,17 @@ __all__ = ["Replica", "Update"]
 log = logging.getLogger("qkv.replica")
 
 RESERVE_STEP = 100_000
-#: a commit runs in the event loop while the previous write took less (s)
-INLINE_COMMIT_LIMIT = 0.002
-#: ... and while the batch has at most this many rows and value bytes
-INLINE_COMMIT_ROWS = 256
-INLINE_COMMIT_BYTES = 64 * 1024
+#: a sync may run in the event loop while the previous one took less (s)
+INLINE_SYNC_LIMIT = 0.002
 #: ... and while the loop goes idle within this (s) once the commit task is
-#: woken; a busy node hands the commit to the thread instead
+#: woken; a busy node syncs in the thread instead
 IDLE_WAIT = 0.0005
+#: a batch with more rows or value bytes than this is applied in the disk
+#: thread (and never synced in the loop)
+THREAD_APPLY_ROWS = 256
+THREAD_APPLY_BYTES = 64 * 1024
+#: seconds the commit task waits at shutdown for a sync still on the disk
+SHUTDOWN_SYNC_WAIT = 10.0
 Done = Callable[[StorageError | None], None]
 
 
@@ -70,6 +78,20 @@ class Update:
     rid: bytes | None = None
 
 
+@attrs.define
+class _Applied:
+    """A batch applied to the store and waiting for the sync that makes it
+    durable: what to swap in then, and whom to tell."""
+
+    state: RegisterState
+    meta: Meta | None
+    records: list[RidRecord]
+    callbacks: list[Done]
+    updates: int
+    max_counter: int
+    began: float
+
+
 class Replica:
     def __init__(self, node_id: NodeId, store: Store, rids: RidTable | None = None) -> None:
         self.node_id = node_id
@@ -78,8 +100,12 @@ class Replica:
         snapshot = store.load()
         if snapshot.meta is not None and snapshot.meta.node_id != node_id:
             raise StorageError(f"the data belongs to node {snapshot.meta.node_id!r}, not {node_id!r}")
+        #: durable: what the store holds once synced
         self.meta = snapshot.meta or Meta(node_id=node_id)
         self.state: RegisterState = apply_updates(empty_state(), snapshot.entries)[0]
+        #: the newest state and meta: durable, or applied and being synced
+        self._head = self.state
+        self._head_meta = self.meta
         self._pending_drops = self.rids.add(snapshot.rids, time.time())
         # Every tag issued from now on is above what was reserved before.
         #: the largest tag counter held (for ``qkv status``)
@@ -87,12 +113,16 @@ class Replica:
         self._floor = max(self.meta.counter_reserved, self.max_counter)
         self._queue: list[tuple[Update, Done | None]] = []
         self._meta_waiters: list[Done] = []
-        self._next_meta: Meta | None = None
         self._wakeup = trio.Event()
+        #: applied batches, oldest first, not yet covered by a finished sync
+        self._unsynced: list[_Applied] = []
+        self._syncing = False
+        self._sync_over: trio.Event | None = None
+        self._disk: DiskThread | None = None
         self.commits = 0
-        #: seconds the previous storage write took (0.0: none yet)
-        self.last_write = 0.0
-        self.inline_limit = INLINE_COMMIT_LIMIT
+        #: seconds the previous sync took (0.0: none yet)
+        self.last_sync = 0.0
+        self.inline_limit = INLINE_SYNC_LIMIT
         self.idle_wait = IDLE_WAIT
         self.committed_updates = 0
         #: called after each durable commit with (seconds, updates) (metrics)
@@ -144,16 +174,15 @@ class Replica:
         await _until_done(lambda done: self._enqueue_meta(meta, done))
 
     def _enqueue_meta(self, meta: Meta, done: Done) -> None:
-        pending = self._next_meta
-        if pending is not None and self._meta_waiters:
-            # Both changes go into the same commit; neither may undo the
-            # other (reservations only grow, ready is never unset).
-            meta = attrs.evolve(
-                meta,
-                counter_reserved=max(meta.counter_reserved, pending.counter_reserved),
-                ready=meta.ready or pending.ready,
-            )
-        self._next_meta = meta
+        # Meta only moves forward (reservations grow, ready is never unset):
+        # merged with the newest one, applied or queued, a change can never
+        # undo another that is not durable yet.
+        head = self._head_meta
+        self._head_meta = attrs.evolve(
+            meta,
+            counter_reserved=max(meta.counter_reserved, head.counter_reserved),
+            ready=meta.ready or head.ready,
+        )
         self._meta_waiters.append(done)
         self._wakeup.set()
 
@@ -180,26 +209,56 @@ class Replica:
     # --- the commit task ---------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.store.blocking:
+            self._disk = DiskThread(f"qkv-disk-{self.node_id}")
+            self._disk.start()
         task_status.started()
-        while True:
-            if not self._queue and not self._meta_waiters:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-            idle = False
-            if self.store.blocking and self.last_write < self.inline_limit:
-                # Maybe a commit in the loop: first let the tasks woken with
-                # this work send it on (see the module docstring); the
-                # checkpoint lets those woken in the same pass run too.
-                idle = await wait_to_coalesce(self.idle_wait)
+        try:
+            while True:
+                if not self._queue and not self._meta_waiters:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                idle = False
+                if self._disk is not None and not self._syncing and self.last_sync < self.inline_limit:
+                    # Maybe a sync in the loop: first let the tasks woken
+                    # with this work send it on (see the module docstring).
+                    idle = await wait_to_coalesce(self.idle_wait)
+                # Let the tasks woken in the same pass run (and queue more).
                 await trio.lowlevel.checkpoint()
-            await self._commit_once(idle)
+                if self._disk is not None and self.store.checkpoint_due():
+                    await self._checkpoint(self._disk)
+                await self._apply_queued(idle)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_disk()
 
-    async def _commit_once(self, idle: bool) -> None:
+    async def _checkpoint(self, disk: DiskThread) -> None:
+        """Between two applies (the store's writer waits for it)."""
+        try:
+            await disk.run(self.store.checkpoint)
+        except StorageError as exc:
+            log.error(
+                "storage checkpoint failed, the log keeps growing: %s",
+                exc,
+                extra={"event": "storage_error", "error": str(exc)},
+            )
+
+    async def _stop_disk(self) -> None:
+        disk, self._disk = self._disk, None
+        if disk is None:
+            return
+        if self._syncing:
+            self._sync_over = over = trio.Event()
+            with trio.move_on_after(SHUTDOWN_SYNC_WAIT):
+                await over.wait()
+        disk.stop()
+
+    async def _apply_queued(self, idle: bool) -> None:
         queue, self._queue = self._queue, []
         meta_waiters, self._meta_waiters = self._meta_waiters, []
-        meta = self._next_meta if meta_waiters else None
+        meta = self._head_meta if meta_waiters else None
         now = time.time()
-        new_state, changed = apply_updates(self.state, ((u.key, u.version) for u, _ in queue))
+        new_state, changed = apply_updates(self._head, ((u.key, u.version) for u, _ in queue))
         records = [
             RidRecord(
                 rid=u.rid, request=request_fingerprint(u.key, u.version.value), tag=u.version.tag, at=now
@@ -207,58 +266,103 @@ class Replica:
             for u, _ in queue
             if u.rid
         ]
+        callbacks = [done for _, done in queue if done is not None]
+        callbacks += meta_waiters
         batch = Batch(entries=changed, rids=records, rids_dropped=self._pending_drops, meta=meta)
-        error: StorageError | None = None
         began = time.perf_counter()
+        large = _large(batch)
         if batch:
             try:
-                if self._in_a_thread(batch, idle):
-                    await trio.to_thread.run_sync(self._write, batch)
+                if large and self._disk is not None:
+                    await self._disk.run(lambda: self.store.apply(batch))
                 else:
-                    self._write(batch)
+                    self.store.apply(batch)
             except StorageError as exc:
-                error = exc
                 log.error(
                     "storage write failed, %d updates not acknowledged: %s",
                     len(queue),
                     exc,
                     extra={"event": "storage_error", "updates": len(queue), "error": str(exc)},
                 )
-        if error is None:
-            self.state = new_state
-            if changed:
-                self.max_counter = max(self.max_counter, max(v.tag.counter for _, v in changed))
-            if meta is not None:
-                self.meta = meta
-            self._pending_drops = self.rids.add(records, now)
-            self.commits += 1
-            self.committed_updates += len(queue)
-            if batch and self.on_commit is not None:
-                self.on_commit(time.perf_counter() - began, len(queue))
-        for _, done in queue:
-            if done is not None:
-                done(error)
-        for done in meta_waiters:
-            done(error)
+                for done in callbacks:
+                    done(exc)
+                return
+            self._pending_drops = []
+        elif not self._unsynced:
+            # Nothing changed and everything is already durable.
+            for done in callbacks:
+                done(None)
+            return
+        self._head = new_state
+        top = max((v.tag.counter for _, v in changed), default=0)
+        self._unsynced.append(_Applied(new_state, meta, records, callbacks, len(queue), top, began))
+        self._start_sync(in_loop=idle and not large)
 
-    def _in_a_thread(self, batch: Batch, idle: bool) -> bool:
-        if not self.store.blocking:
-            return False
-        if not idle or self.last_write >= self.inline_limit:
-            return True
-        rows = len(batch.entries) + len(batch.rids) + len(batch.rids_dropped)
-        if rows > INLINE_COMMIT_ROWS:
-            return True
-        size = sum(len(key) + len(version.value or b"") for key, version in batch.entries)
-        return size > INLINE_COMMIT_BYTES
+    def _start_sync(self, *, in_loop: bool = False) -> None:
+        """Sync what is applied, unless a sync is on the disk already (its
+        end starts the next one)."""
+        if self._syncing or not self._unsynced:
+            return
+        covered = len(self._unsynced)
+        disk = self._disk
+        if disk is None or in_loop:
+            try:
+                self._sync()
+            except StorageError as exc:
+                self._synced(covered, outcome.Error(exc))
+            else:
+                self._synced(covered, outcome.Value(None))
+            return
+        self._syncing = True
+        disk.submit(self._sync, lambda result: self._synced(covered, result))
 
-    def _write(self, batch: Batch) -> None:
-        """The storage write, timed (in the loop or in a worker thread)."""
+    def _sync(self) -> None:
+        """The store's sync, timed (in the loop or in the disk thread)."""
         began = time.perf_counter()
         try:
-            self.store.write(batch)
+            self.store.sync()
         finally:
-            self.last_write = time.perf_counter() - began
+            self.last_sync = time.perf_counter() - began
+
+    def _synced(self, covered: int, result: outcome.Outcome[None]) -> None:
+        """The sync that started with ``covered`` batches applied is over."""
+        self._syncing = False
+        done, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
+        error: StorageError | None = None
+        if isinstance(result, outcome.Error):
+            exc = result.error
+            error = exc if isinstance(exc, StorageError) else StorageError(f"sync failed: {exc!r}")
+            log.error(
+                "storage sync failed, %d updates not acknowledged: %s",
+                sum(a.updates for a in done),
+                error,
+                extra={"event": "storage_error", "error": str(error)},
+            )
+        else:
+            now = time.perf_counter()
+            self.state = done[-1].state
+            for applied in done:
+                if applied.meta is not None:
+                    self.meta = applied.meta
+                self._pending_drops += self.rids.add(applied.records, time.time())
+                self.max_counter = max(self.max_counter, applied.max_counter)
+                self.commits += 1
+                self.committed_updates += applied.updates
+                if self.on_commit is not None:
+                    self.on_commit(now - applied.began, applied.updates)
+        for applied in done:
+            for callback in applied.callbacks:
+                callback(error)
+        if self._sync_over is not None and not self._unsynced:
+            self._sync_over.set()
+        self._start_sync()
+
+
+def _large(batch: Batch) -> bool:
+    """Too large to apply in the loop without holding up its other work."""
+    if len(batch.entries) + len(batch.rids) + len(batch.rids_dropped) > THREAD_APPLY_ROWS:
+        return True
+    return sum(len(key) + len(version.value or b"") for key, version in batch.entries) > THREAD_APPLY_BYTES
 
 
 async def _until_done(enqueue: Callable[[Done], None]) -> None:

@@ -27,26 +27,40 @@ Pages are 1 KiB (databases created since; an older file keeps its size).
 
 What is fsynced when
 --------------------
-``journal_mode=WAL`` with ``synchronous=FULL``: each ``write`` is one
-transaction whose pages are appended to the WAL, which is fsynced once before
-``COMMIT`` returns; so ``write`` returning means the batch survives a power
-loss, and a batch is the unit of group commit (one fsync for all of it). A
-crash during that append can leave a partial tail of frames; recovery stops
-at the first frame whose checksum fails and replays only whole transactions
-(up to their commit frame), so a batch is durable whole or not at all.
-SQLite fsyncs the directory when it creates the WAL file; this module fsyncs
-the data dir (and the parents it created) when it creates the database.
-Checkpoints (automatic, when the WAL passes 4000 pages, inside the ``write``
-that crosses it; and at ``close``) copy WAL pages into the main file and
-fsync it before the WAL is reused. The WAL is preallocated with zeros at
-open (``_preallocate_wal``), so commits overwrite blocks from the start.
+``journal_mode=WAL``: each ``apply`` is one transaction whose pages are
+appended to the WAL (into the page cache; SQLite's ``synchronous=NORMAL``
+does not fsync at commit), and ``sync`` is an ``fdatasync`` of the WAL,
+which makes every transaction appended before it durable. That is exactly
+what ``synchronous=FULL`` does inside each ``COMMIT``, split in two so that
+the fsync can run in another thread while the next batch is applied (group
+commit that overlaps the disk with the work). Everything else SQLite syncs
+itself under NORMAL: the WAL before a checkpoint copies it, the database
+file after, and the WAL header when the log starts over. A crash during an
+append can leave a partial tail of frames; recovery stops at the first
+frame whose checksum fails and replays only whole transactions (up to their
+commit frame), so a batch is durable whole or not at all. SQLite fsyncs the
+directory when it creates the WAL file; this module fsyncs the data dir
+(and the parents it created) when it creates the database.
 
-Why WAL + FULL: a rollback journal needs at least two fsyncs per commit
-(journal, then database), where WAL needs one sequential append + fsync.
-``synchronous=NORMAL`` would skip that per-commit fsync in WAL mode and
-only sync at checkpoints: a power loss could then drop acknowledged writes,
-and a ``counter_reserved`` the node already issued tags under, after which it
-could reissue a tag (two values under one tag breaks ``model.merge``).
+Checkpoints copy WAL pages into the main file and fsync it before the WAL
+is reused. SQLite's automatic checkpoint would run inside a commit, in the
+event loop, so it is off; ``checkpoint_due`` says when about
+``_CHECKPOINT_PAGES`` pages have gone to the WAL, and the replica runs
+``checkpoint`` in its disk thread between two applies (``close``
+checkpoints too). The WAL is preallocated with zeros at open
+(``_preallocate_wal``), so commits overwrite blocks from the start.
+
+Why WAL: a rollback journal needs at least two fsyncs per commit (journal,
+then database), where WAL needs one sequential append + fsync. Skipping the
+per-commit sync, as plain NORMAL does, could lose acknowledged writes in a
+power loss, and a ``counter_reserved`` the node already issued tags under,
+after which it could reissue a tag (two values under one tag breaks
+``model.merge``).
+
+A failed ``fdatasync`` leaves the fate of the unsynced pages unknown: Linux
+may have dropped them and a later fsync would report success without them.
+So the store refuses every later call (``StorageError``) until the node is
+restarted and reloads what is really on disk.
 
 ``locking_mode=EXCLUSIVE`` holds the file lock for the connection's life:
 a second process (or a second store in this process) opened on the same data
@@ -143,6 +157,14 @@ class SqliteStore:
         self.fail_writes = fail_writes
         self.data_dir = data_dir
         self.path = data_dir / DB_NAME
+        self._wal = data_dir / (DB_NAME + "-wal")
+        self._wal_fd = -1
+        self._page_size = _PAGE_SIZE
+        #: pages applied since the last checkpoint (an estimate: one per row,
+        #: plus the pages of long values)
+        self._wal_pages = 0
+        #: a failed fdatasync: every later call fails (see the module docstring)
+        self._sync_failed: StorageError | None = None
         try:
             missing = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -211,13 +233,15 @@ class SqliteStore:
             if mode != "wal":
                 raise StorageError(f"{path}: cannot use WAL journal mode (got {mode})")
             # Per connection, not stored in the file: set on every open.
-            conn.execute("PRAGMA synchronous = FULL")
+            # NORMAL: no fsync inside COMMIT; ``sync`` does it (see above).
+            conn.execute("PRAGMA synchronous = NORMAL")
             # Batches of random keys dirty about a page per entry. A
-            # checkpoint every 4000 pages (16 MiB) instead of 1000 copies a
-            # page rewritten by several batches once, and runs (with its
-            # fsyncs) 4x less often: measured ~30% more entries/s. 64 MiB of
-            # page cache keeps the b-trees' inner pages in memory.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
+            # checkpoint every 4000 pages instead of 1000 copies a page
+            # rewritten by several batches once, and runs (with its fsyncs)
+            # 4x less often: measured ~30% more entries/s. ``checkpoint``
+            # runs them (see above), not SQLite. 64 MiB of page cache keeps
+            # the b-trees' inner pages in memory.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA cache_size = -65536")
             # A huge batch must not leave a huge WAL behind for good.
             conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -228,8 +252,9 @@ class SqliteStore:
                 conn.execute("COMMIT")
                 _fsync_dir(self.data_dir)
             row = conn.execute("SELECT schema_version, node_id FROM meta").fetchone()
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            _preallocate_wal(self.path.with_name(DB_NAME + "-wal"), page_size)
+            self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            _preallocate_wal(self._wal, self._page_size)
+            self._wal_fd = os.open(self._wal, os.O_RDONLY)
         except sqlite3.Error as e:
             code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary code
             if code == sqlite3.SQLITE_BUSY:
@@ -270,7 +295,9 @@ class SqliteStore:
             meta = Meta(node_id=NodeId(row[0]), ready=bool(row[1]), counter_reserved=row[2])
         return Snapshot(meta=meta, entries=entries, rids=rids)
 
-    def write(self, batch: Batch) -> None:
+    def apply(self, batch: Batch) -> None:
+        if self._sync_failed is not None:
+            raise self._sync_failed
         if self.fail_writes:
             raise StorageError("injected write failure")
         if not batch:
@@ -300,13 +327,58 @@ class SqliteStore:
                         _PUT_META,
                         (SCHEMA_VERSION, meta.node_id, meta.ready, meta.counter_reserved, time.time()),
                     )
-                conn.execute("COMMIT")  # returns after the WAL fsync
+                conn.execute("COMMIT")  # into the WAL, not yet fsynced
             except BaseException:
                 self._rollback()
                 raise
         except (sqlite3.Error, OverflowError) as e:
             # OverflowError: an integer beyond SQLite's signed 64 bits.
             raise StorageError(f"write to {self.path} failed: {e}") from e
+        value_bytes = sum(len(v.value or b"") for _, v in batch.entries)
+        rows = len(batch.entries) + len(batch.rids) + len(batch.rids_dropped) + (meta is not None)
+        self._wal_pages += rows + value_bytes // self._page_size
+
+    def sync(self) -> None:
+        if self._sync_failed is not None:
+            raise self._sync_failed
+        try:
+            os.fdatasync(self._wal_fd)
+        except OSError as e:
+            self._sync_failed = StorageError(
+                f"fsync of {self._wal} failed ({e.strerror or e}): what it held may be lost,"
+                " so this store takes no more writes; restart the node to reload what is on disk"
+            )
+            raise self._sync_failed from e
+
+    def write(self, batch: Batch) -> None:
+        self.apply(batch)
+        self.sync()
+        if self.checkpoint_due():
+            self.checkpoint()
+
+    def checkpoint_due(self) -> bool:
+        return self._wal_pages >= _CHECKPOINT_PAGES
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (SQLite fsyncs both), so that
+        the next transaction starts the WAL over."""
+        if self._sync_failed is not None:
+            raise self._sync_failed
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+        except sqlite3.Error as e:
+            raise StorageError(f"checkpoint of {self.path} failed: {e}") from e
+        if not busy:
+            self._wal_pages = 0
+        # SQLite keeps its WAL file (one connection, exclusive lock) and
+        # only rewrites it; should it ever replace the file, ``sync`` must
+        # follow the new one.
+        try:
+            if os.stat(self._wal).st_ino != os.fstat(self._wal_fd).st_ino:
+                os.close(self._wal_fd)
+                self._wal_fd = os.open(self._wal, os.O_RDONLY)
+        except OSError as e:
+            raise StorageError(f"cannot reopen {self._wal}: {e.strerror or e}") from e
 
     def _rollback(self) -> None:
         # SQLite already rolls back after some errors (e.g. SQLITE_FULL at
@@ -324,6 +396,10 @@ class SqliteStore:
             self._conn.close()
         except sqlite3.Error as e:
             raise StorageError(f"closing {self.path} failed: {e}") from e
+        finally:
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
+                self._wal_fd = -1
 
     def __enter__(self) -> SqliteStore:
         return self

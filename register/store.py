@@ -1,11 +1,20 @@
 """The storage interface, and the in-memory engine.
 
-A ``Store`` is a blocking, durable key-value engine for one node. The trio
-side (``quorum.replica``) calls ``write`` from a single writer at a time,
-with a ``Batch`` that gathers many updates (group commit); ``write`` returns
-only once the whole batch is durable, or raises ``StorageError`` having made
-none of it durable. Nothing is acknowledged to anyone before ``write``
-returns.
+A ``Store`` is a durable key-value engine for one node, written in two
+steps so that a replica can go on working while the disk does:
+
+- ``apply(batch)`` writes a ``Batch`` (the updates of one group commit)
+  atomically: all of it or, raising ``StorageError``, none of it. It is
+  quick (the page cache, not the disk) and not yet durable.
+- ``sync()`` makes everything applied so far durable; it blocks on the disk
+  (an fsync), and may run in another thread while later ``apply`` calls
+  go on. It raises ``StorageError`` if the disk failed; what was applied
+  since the previous sync is then of unknown fate.
+
+Nothing is acknowledged to anyone before the ``sync`` that covers it has
+returned (``quorum.replica``). ``write`` is both steps at once. Calls come
+from one writer at a time, except that ``sync`` may overlap ``apply``.
+``checkpoint`` is housekeeping that the writer runs between applies.
 
 ``MemoryStore`` keeps the same contract without a disk. An in-process test
 cluster keeps a node's ``MemoryStore`` across a restart of that node (its
@@ -64,14 +73,25 @@ class Batch:
 
 
 class Store(Protocol):
-    """A node's durable storage engine (blocking calls)."""
+    """A node's durable storage engine."""
 
-    #: whether ``write`` blocks on a disk and so must run in a worker thread
+    #: whether ``sync`` and ``checkpoint`` block on a disk (and so run in
+    #: a worker thread)
     blocking: bool
 
     def load(self) -> Snapshot: ...
 
-    def write(self, batch: Batch) -> None: ...
+    def apply(self, batch: Batch) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def write(self, batch: Batch) -> None:
+        """``apply`` then ``sync``."""
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``checkpoint`` should run before the next ``apply``."""
+
+    def checkpoint(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -80,7 +100,7 @@ class Store(Protocol):
 class MemoryStore:
     """A ``Store`` in memory: durable only as long as the process lives.
 
-    ``fail_writes`` is a fault switch for tests: while set, every ``write``
+    ``fail_writes`` is a fault switch for tests: while set, every ``apply``
     raises ``StorageError`` and changes nothing, as a full or failing disk
     would.
     """
@@ -98,7 +118,7 @@ class MemoryStore:
             rids=list(self._rids.values()),
         )
 
-    def write(self, batch: Batch) -> None:
+    def apply(self, batch: Batch) -> None:
         if self.fail_writes:
             raise StorageError("injected write failure")
         self._entries.update(batch.entries)
@@ -108,6 +128,18 @@ class MemoryStore:
             self._rids.pop(rid, None)
         if batch.meta is not None:
             self._meta = batch.meta
+
+    def sync(self) -> None:
+        pass  # applied is as durable as this engine gets
+
+    def write(self, batch: Batch) -> None:
+        self.apply(batch)
+
+    def checkpoint_due(self) -> bool:
+        return False
+
+    def checkpoint(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
