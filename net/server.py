@@ -253,15 +253,18 @@ async def _client_session(
     reader: FramedReader, outbox: Outbox, bodies: list[bytes], handler: Handler, limits: ServerLimits
 ) -> None:
     request_limits = Limits(max_value=limits.max_value)
-    # A slot per request from reading it until its reply is written: the
-    # reader waits for a free slot, which is the per-connection back-pressure.
+    # A slot per request from reading it until its reply is queued: the
+    # reader waits for a free slot, and for the queued replies to drain
+    # below the outbox's high-water mark (wait_room), which together are
+    # the per-connection back-pressure.
     inflight = trio.Semaphore(limits.max_inflight)
     unanswered = 0
     all_answered = trio.Event()
 
     def respond(reply: Reply) -> None:
         nonlocal unanswered
-        outbox.put(encode_reply(reply), inflight.release)
+        outbox.put(encode_reply(reply))
+        inflight.release()
         unanswered -= 1
         if not unanswered:
             all_answered.set()

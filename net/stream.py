@@ -1,36 +1,41 @@
-"""Frames over a trio stream: a reader, and an outbox with one writer.
+"""Frames over a trio stream: a reader, and an outbox per connection.
 
 ``FramedReader`` turns received chunks into whole frame bodies, decoding
 every frame that a read brought in (many per read under load).
 
 ``Outbox`` is the only writer of a connection. Producers ``put`` encoded
-messages without blocking; the writer task takes everything queued and
-sends it in one write: many replies per write for clients, and for peer
-links many messages per frame as well (``batch=True``). A frame never
-exceeds ``max_frame``; a message too big to share a frame travels alone.
-Producers that could outrun the network wait on ``wait_room`` first, which
-bounds the memory one connection can take (back-pressure, never an
-unbounded buffer).
+messages without blocking; everything queued leaves in one write: many
+replies per write for clients, and for peer links many messages per frame
+as well (``batch=True``). A frame never exceeds ``max_frame``; a message too
+big to share a frame travels alone. Producers that could outrun the network
+wait on ``wait_room`` first, which bounds the memory one connection can take
+(back-pressure, never an unbounded buffer).
 
-Why the writer waits for an idle scheduler: on loopback, and more so in a
-VM, a ``send`` is the most expensive thing a request does (the kernel runs
-the receiver's side of TCP and wakes its process), far dearer than a
-scheduler pass. So a woken writer lets every task that has work finish it
-first (``wait_all_tasks_blocked``): the replies and quorum messages of
-everything read in the meantime leave in one write. An idle node pays one
-extra pass; a busy one is never held back longer than ``COALESCING_DELAY``.
+When a write happens: on loopback, and more so in a VM, a ``send`` is the
+most expensive thing a request does (the kernel runs the receiver's side of
+TCP and wakes its process), far dearer than a scheduler pass. So nothing is
+written while the event loop still has tasks to run: a plain TCP outbox is
+written by the loop's ``_Flusher`` just before the loop waits for I/O (its
+``before_io_wait`` hook, what Redis calls beforeSleep), carrying everything
+that the tasks of that pass queued for the connection. That costs no task
+switch and no extra pass: a reply read, handled and answered in one pass
+leaves at the end of it. Only a write the socket cannot take whole (a slow
+reader) wakes the outbox's writer task, which waits for the socket and
+finishes it; until then the writer owns the connection's output.
 
-Plain TCP connections skip trio's stream layers on the hot path: a read or
-a write is tried at once on the non-blocking socket, and only when it
-would block does the task wait for the socket (``wait_readable`` /
-``wait_writable``). TLS connections go through their ``SSLStream``.
+TLS connections go through their ``SSLStream``, which only a task can
+drive: their writer task waits for an idle scheduler (trio's
+``wait_all_tasks_blocked``, at most ``COALESCING_DELAY``) and then sends.
+
+Reads are direct too: a read is tried at once on the non-blocking socket,
+and only when it would block does the task wait for the socket
+(``wait_readable``).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -41,8 +46,8 @@ from net.framing import HEADER_SIZE, FrameDecoder, frame_header
 __all__ = ["FramedReader", "Outbox", "send_now", "wait_to_coalesce"]
 
 RECEIVE_SIZE = 64 * 1024
-#: the longest a woken writer waits for the scheduler to go idle before it
-#: sends anyway (a node that never idles still answers promptly)
+#: the longest queued messages wait for the scheduler to go idle before
+#: they are sent anyway (a node that never idles still answers promptly)
 COALESCING_DELAY = 0.002
 #: reads a reader may take in a row without yielding to other tasks (a
 #: read that finds data returns at once; one that would block waits)
@@ -160,6 +165,50 @@ def _scratch() -> bytearray:
     return chunk
 
 
+class _Flusher(trio.abc.Instrument):
+    """Writes the outboxes that have something queued when the event loop
+    is about to wait for I/O, at the end of every pass that queued
+    something. One per trio run (``_flusher``)."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._token = trio.lowlevel.current_trio_token()
+
+    def mark(self, outbox: Outbox) -> None:
+        self._dirty.append(outbox)
+
+    def before_io_wait(self, timeout: float) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, []
+        woke = False
+        for outbox in dirty:
+            woke |= outbox.flush()
+        if woke and timeout > 0:
+            # A task was woken (a writer to finish a write, a producer
+            # waiting for room), but the loop is about to sleep for
+            # ``timeout``: make it look again at once.
+            self._token.run_sync_soon(_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
+_FLUSHER: trio.lowlevel.RunVar[_Flusher] = trio.lowlevel.RunVar("qkv_flusher")
+
+
+def _flusher() -> _Flusher:
+    """This trio run's flusher, installed on first use."""
+    try:
+        return _FLUSHER.get()
+    except LookupError:
+        flusher = _Flusher()
+        trio.lowlevel.add_instrument(flusher)
+        _FLUSHER.set(flusher)
+        return flusher
+
+
 class Outbox:
     """The writer of one connection (see the module docstring).
 
@@ -181,6 +230,9 @@ class Outbox:
     ) -> None:
         self._send_timeout = send_timeout
         self._stream = stream
+        #: plain TCP: written by the flusher (see the module docstring)
+        self._socket = _socket_of(stream)
+        self._flusher = _flusher() if self._socket is not None else None
         self._batch = batch
         self._high_water = high_water
         #: message bytes a peer frame may carry beside its array header
@@ -188,25 +240,31 @@ class Outbox:
         self._chunks: list[bytes] = []
         self._group: list[bytes] = []
         self._group_bytes = 0
-        #: callbacks of queued messages, to run once they are written
-        self._on_sent: list[Callable[[], None]] = []
         self._queued_bytes = 0
+        #: the writer task owns the output: a write the socket did not take
+        #: whole (``_rest``) is being finished, or the flusher failed
+        self._busy = False
+        self._rest: bytes | None = None
+        self._error: BaseException | None = None
         self._wakeup = trio.Event()
         self._drained = trio.Event()
+        self._room_waiters = 0
         self._closing = False
 
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def put(self, message: bytes, on_sent: Callable[[], None] | None = None, *, alone: bool = False) -> None:
-        """Queue one encoded message; ``on_sent`` runs once it is written.
-        ``alone``: send it as a frame of its own even on a batching outbox
-        (the handshake reply of a peer link is a plain map)."""
+    def put(self, message: bytes, *, alone: bool = False) -> None:
+        """Queue one encoded message. ``alone``: send it as a frame of its
+        own even on a batching outbox (the handshake reply of a peer link is
+        a plain map)."""
         if not self._queued_bytes:
-            # The writer sleeps only while nothing is queued; otherwise it
-            # is busy and finds this message on its next pass.
-            self._wakeup.set()
+            flusher = self._flusher
+            if flusher is not None and not self._busy:
+                flusher.mark(self)
+            else:
+                self._wakeup.set()  # the writer sleeps only while nothing is queued
         size = len(message)
         self._queued_bytes += size
         if self._batch and not alone:
@@ -218,8 +276,6 @@ class Outbox:
             if self._group:
                 self._close_group()  # keep the order of messages
             self._chunks += (frame_header(size), message)
-        if on_sent is not None:
-            self._on_sent.append(on_sent)
 
     def _close_group(self) -> None:
         group = self._group
@@ -227,6 +283,40 @@ class Outbox:
         self._chunks += (frame_header(len(header) + self._group_bytes), header, *group)
         self._group = []
         self._group_bytes = 0
+
+    def _take(self) -> bytes:
+        """Everything queued, as one write; wakes producers waiting for room."""
+        if self._group:
+            self._close_group()
+        data = b"".join(self._chunks)
+        self._chunks = []
+        self._queued_bytes = 0
+        if self._room_waiters:
+            self._drained.set()
+        return data
+
+    def flush(self) -> bool:
+        """Write what is queued straight to the socket (the flusher calls
+        this); what the socket does not take goes to the writer task.
+        Returns whether a task was woken."""
+        sock = self._socket
+        if self._busy or not self._queued_bytes or sock is None:
+            return False
+        woke = bool(self._room_waiters)
+        data = self._take()
+        try:
+            sent = os.write(_fileno(sock), data)
+        except BlockingIOError:
+            sent = 0
+        except Exception as exc:  # never out of the flusher: the writer raises it
+            self._error = exc
+            sent = 0
+        if sent == len(data):
+            return woke
+        self._busy = True
+        self._rest = data[sent:]
+        self._wakeup.set()
+        return True
 
     def close_after_flush(self) -> None:
         """Send what is queued, then let ``run`` return."""
@@ -238,26 +328,35 @@ class Outbox:
         while self._queued_bytes > self._high_water:
             if self._drained.is_set():
                 self._drained = trio.Event()
-            await self._drained.wait()
+            self._room_waiters += 1
+            try:
+                await self._drained.wait()
+            finally:
+                self._room_waiters -= 1
 
     async def run(self) -> None:
         """The writer task. Returns after ``close_after_flush``; trio's
         broken/closed stream errors and ``TooSlowError`` propagate."""
+        direct = self._socket is not None
         while True:
-            if not self._queued_bytes:
-                if self._closing:
-                    return
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                await wait_to_coalesce()
+            error = self._error
+            if error is not None:
+                if isinstance(error, OSError):
+                    raise trio.BrokenResourceError(f"send failed: {error}") from error
+                raise error
+            rest = self._rest
+            if rest is not None:
+                self._rest = None
+                with trio.fail_after(self._send_timeout):
+                    await self._stream.send_all(rest)
                 continue
-            if self._group:
-                self._close_group()
-            data = b"".join(self._chunks)
-            callbacks = self._on_sent
-            self._chunks, self._on_sent = [], []
-            self._queued_bytes = 0
-            self._drained.set()
-            await send_now(self._stream, data, self._send_timeout)
-            for on_sent in callbacks:
-                on_sent()
+            if self._queued_bytes and (self._busy or self._closing or not direct):
+                await send_now(self._stream, self._take(), self._send_timeout)
+                continue
+            self._busy = False  # drained: the flusher writes from here on
+            if self._closing and not self._queued_bytes:
+                return
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+            if not direct:
+                await wait_to_coalesce()

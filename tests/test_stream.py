@@ -1,8 +1,10 @@
-"""net.stream: the outbox's coalescing, and frames over a real socket pair
-(the direct non-blocking read and write path, partial writes included)."""
+"""net.stream: the outbox's coalescing (the flusher for plain sockets, the
+idle wait for other streams), and frames over a real socket pair (the
+direct non-blocking read and write path, partial writes included)."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -108,3 +110,61 @@ async def test_a_reader_sees_the_end_of_the_stream() -> None:
         assert await reader.receive() == [b"last"]
         assert await reader.receive() == []
     await receiver.aclose()
+
+
+def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def test_what_one_pass_queues_on_a_socket_leaves_in_one_write_at_its_end() -> None:
+    """The flusher writes when the loop is about to wait for I/O: messages
+    put by the tasks of one scheduler pass share one write, with no writer
+    task involved (it never runs here)."""
+    sender, receiver = socket_pair()
+    outbox = Outbox(sender, max_frame=MAX_FRAME, batch=False, send_timeout=5)
+    start = trio.Event()
+
+    async def producer(i: int) -> None:
+        await start.wait()
+        outbox.put(b"m%d" % i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(producer, i)
+        await trio.testing.wait_all_tasks_blocked()
+        start.set()  # all four run in the same pass
+    with trio.fail_after(5):
+        data = await receiver.receive_some(65536)
+    # one write with all four (in the order trio ran the producers)
+    assert sorted(bodies_of([data])) == [b"m0", b"m1", b"m2", b"m3"]
+    assert outbox.queued_bytes == 0
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_a_producer_waiting_for_room_wakes_when_the_flusher_drains() -> None:
+    """A flush that empties an outbox over its high-water mark wakes the
+    producer waiting for room, even though the loop had nothing else to do
+    and was about to sleep (the flusher makes it look again)."""
+    sender, receiver = socket_pair()
+    outbox = Outbox(sender, max_frame=MAX_FRAME, batch=False, send_timeout=5, high_water=10)
+    outbox.put(b"x" * 100)  # over the mark; flushed at the end of this pass
+    with trio.fail_after(5):
+        await outbox.wait_room()
+    assert outbox.queued_bytes == 0
+    assert bodies_of([await receiver.receive_some(65536)]) == [b"x" * 100]
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_a_failed_direct_write_ends_the_writer_with_broken_resource() -> None:
+    """The flusher never raises (it runs inside trio's loop): the error of a
+    direct write surfaces in the outbox's writer task instead."""
+    sender, receiver = socket_pair()
+    await receiver.aclose()
+    outbox = Outbox(sender, max_frame=MAX_FRAME, batch=False, send_timeout=5)
+    outbox.put(b"into the void")
+    with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+        await outbox.run()  # this task is the writer
+    await sender.aclose()
