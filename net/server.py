@@ -1,16 +1,17 @@
 """The TCP server: accepts connections and speaks the client protocol.
 
-One nursery per connection holds a reader (this task), one handler task per
-request in flight, and one writer (the ``Outbox``). Limits, all of them
-back-pressure rather than buffering:
+One nursery per connection holds its reader (this task) and its writer (the
+``Outbox``); a request costs no task of its own: the node answers it by a
+callback. Limits, all of them back-pressure rather than buffering:
 
 - at most ``max_connections`` connections; one more is told ``unavailable``
   and closed;
 - at most ``max_inflight`` requests per connection: past that the reader
   stops reading, so a client pipelining without bound only fills its own
   socket buffers;
-- replies not yet written are bounded by the outbox's high-water mark, and
-  a client that reads nothing for ``write_timeout`` seconds is disconnected.
+- replies not yet written are bounded by the outbox's high-water mark (the
+  reader waits for room before it hands on the next request), and a client
+  that reads nothing for ``write_timeout`` seconds is disconnected.
 
 Errors on one connection end that connection, never the server. A
 connection whose first frame is ``peer_hello`` is handed to the node's peer
@@ -295,6 +296,10 @@ async def _client_session(
                     message = "peer_hello must be the first frame of a connection"
                     outbox.put(encode_reply(ErrorReply(id=request.id, error="bad_request", message=message)))
                     continue
+                if outbox.full:
+                    # Replies are queued faster than the client reads them
+                    # (a read can bring thousands of requests).
+                    await outbox.wait_room()
                 try:
                     # No yield per request while slots are free: a read
                     # brings many requests, and each acquire() would be a

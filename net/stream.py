@@ -123,11 +123,11 @@ class FramedReader:
 
 
 async def wait_to_coalesce(bound: float = COALESCING_DELAY) -> bool:
-    """What a woken writer does before it writes: let every task with work
-    queue its messages too (see the module docstring), so that one write
-    carries all of them; at most ``bound`` seconds. True if the loop went
-    idle (no task to run, no I/O ready), False if the bound ran out (the
-    node is busy)."""
+    """Let every task with work run first, for at most ``bound`` seconds:
+    what a TLS writer does before it writes (so that one write carries all
+    their messages), and the replica before an fsync in the loop. True if
+    the loop went idle (no task to run, no I/O ready), False if the bound
+    ran out (the node is busy)."""
     with trio.move_on_after(bound) as scope:
         await trio.testing.wait_all_tasks_blocked()
     return not scope.cancelled_caught
@@ -183,7 +183,10 @@ class _Flusher(trio.abc.Instrument):
         dirty, self._dirty = self._dirty, []
         woke = False
         for outbox in dirty:
-            woke |= outbox.flush()
+            try:
+                woke |= outbox.flush()
+            except Exception as exc:  # an instrument that raises is removed by trio
+                woke |= outbox.fail(exc)
         if woke and timeout > 0:
             # A task was woken (a writer to finish a write, a producer
             # waiting for room), but the loop is about to sleep for
@@ -255,6 +258,11 @@ class Outbox:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    @property
+    def full(self) -> bool:
+        """Over the high-water mark: producers should ``wait_room``."""
+        return self._queued_bytes > self._high_water
+
     def put(self, message: bytes, *, alone: bool = False) -> None:
         """Queue one encoded message. ``alone``: send it as a frame of its
         own even on a batching outbox (the handshake reply of a peer link is
@@ -313,8 +321,16 @@ class Outbox:
             sent = 0
         if sent == len(data):
             return woke
-        self._busy = True
         self._rest = data[sent:]
+        return self._hand_to_writer()
+
+    def fail(self, error: BaseException) -> bool:
+        """The flusher could not write: the writer task raises ``error``."""
+        self._error = error
+        return self._hand_to_writer()
+
+    def _hand_to_writer(self) -> bool:
+        self._busy = True
         self._wakeup.set()
         return True
 
@@ -325,7 +341,7 @@ class Outbox:
 
     async def wait_room(self) -> None:
         """Block while more than ``high_water`` bytes wait to be written."""
-        while self._queued_bytes > self._high_water:
+        while self.full:
             if self._drained.is_set():
                 self._drained = trio.Event()
             self._room_waiters += 1
@@ -351,11 +367,14 @@ class Outbox:
                     await self._stream.send_all(rest)
                 continue
             if self._queued_bytes and (self._busy or self._closing or not direct):
+                # This task writes: the flusher must not slip newer bytes
+                # in ahead while it waits for the socket.
+                self._busy = True
                 await send_now(self._stream, self._take(), self._send_timeout)
                 continue
-            self._busy = False  # drained: the flusher writes from here on
             if self._closing and not self._queued_bytes:
-                return
+                return  # still busy: nothing is written after the close
+            self._busy = False  # drained: the flusher writes from here on
             self._wakeup = trio.Event()
             await self._wakeup.wait()
             if not direct:

@@ -104,8 +104,14 @@ class _Run:
             return
         if isinstance(tag, StorageError):
             self.finish(Internal(f"cannot reserve tags: {tag}"))
-        else:
-            self.advance(self.op.tag_issued(tag))
+            return
+        try:
+            step = self.op.tag_issued(tag)
+        except Exception as exc:  # a bug: fail this request, not the node
+            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
+            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+            return
+        self.advance(step)
 
     def _send(self, send: SendQuery | SendStore) -> None:
         coordinator = self.coordinator
@@ -122,8 +128,10 @@ class _Run:
         for link in coordinator.link_list:
             if link.send(req, encoded, self):
                 sent.append(link)
-        if not self.over:  # not finished by the links failing at once
-            coordinator.local(send, req, self)
+            if self.over:  # finished by links that failed at once
+                self._forget()
+                return
+        coordinator.local(send, req, self)
 
     def peer_reply(self, node: NodeId, req: int, reply: PeerResponse | None) -> None:
         if isinstance(reply, QueryReply):

@@ -268,7 +268,8 @@ class Replica:
         ]
         callbacks = [done for _, done in queue if done is not None]
         callbacks += meta_waiters
-        batch = Batch(entries=changed, rids=records, rids_dropped=self._pending_drops, meta=meta)
+        drops, self._pending_drops = self._pending_drops, []
+        batch = Batch(entries=changed, rids=records, rids_dropped=drops, meta=meta)
         began = time.perf_counter()
         large = _large(batch)
         if batch:
@@ -284,14 +285,12 @@ class Replica:
                     exc,
                     extra={"event": "storage_error", "updates": len(queue), "error": str(exc)},
                 )
-                for done in callbacks:
-                    done(exc)
+                self._pending_drops = drops + self._pending_drops  # for the next batch
+                _run_all(callbacks, exc)
                 return
-            self._pending_drops = []
         elif not self._unsynced:
             # Nothing changed and everything is already durable.
-            for done in callbacks:
-                done(None)
+            _run_all(callbacks, None)
             return
         self._head = new_state
         top = max((v.tag.counter for _, v in changed), default=0)
@@ -338,6 +337,11 @@ class Replica:
                 error,
                 extra={"event": "storage_error", "error": str(error)},
             )
+            # What those batches applied is of unknown fate: merge what
+            # comes next against what is known durable, so that an update
+            # they held is written (and refused by the store) again rather
+            # than acknowledged as already there.
+            self._head, self._head_meta = self.state, self.meta
         else:
             now = time.perf_counter()
             self.state = done[-1].state
@@ -351,11 +355,20 @@ class Replica:
                 if self.on_commit is not None:
                     self.on_commit(now - applied.began, applied.updates)
         for applied in done:
-            for callback in applied.callbacks:
-                callback(error)
+            _run_all(applied.callbacks, error)
         if self._sync_over is not None and not self._unsynced:
             self._sync_over.set()
         self._start_sync()
+
+
+def _run_all(callbacks: list[Done], error: StorageError | None) -> None:
+    """Tell every waiter; one that fails (a bug) must not keep the others
+    from their answers, nor take the disk thread's delivery down."""
+    for callback in callbacks:
+        try:
+            callback(error)
+        except Exception:
+            log.exception("a commit callback failed", extra={"event": "internal_error"})
 
 
 def _large(batch: Batch) -> bool:

@@ -99,7 +99,7 @@ SCHEMA_VERSION = 1
 _CHECKPOINT_PAGES = 4000
 _PAGE_SIZE = 1024
 #: frames preallocated in the WAL beyond the checkpoint threshold (the
-#: checkpoint runs in the commit that crosses it, after its frames)
+#: checkpoint runs between the commits, once the count has crossed it)
 _WAL_SPARE_FRAMES = 256
 
 _SCHEMA = (
@@ -145,9 +145,10 @@ class SqliteStore:
     """A ``Store`` in ``data_dir / "qkv.sqlite3"``.
 
     ``fail_writes`` is the same test fault switch as ``MemoryStore``'s: while
-    set, ``write`` raises ``StorageError`` without touching the database.
-    Calls must not overlap (one writer at a time, ``load`` at start); they may
-    come from different threads.
+    set, ``apply`` raises ``StorageError`` without touching the database.
+    Calls come from one writer at a time (``load`` at start), from any
+    thread, except that ``sync`` (which only fsyncs the WAL file, never
+    touching the connection) may run in another thread during an ``apply``.
     """
 
     blocking: bool = True
@@ -350,26 +351,21 @@ class SqliteStore:
             )
             raise self._sync_failed from e
 
-    def write(self, batch: Batch) -> None:
-        self.apply(batch)
-        self.sync()
-        if self.checkpoint_due():
-            self.checkpoint()
-
     def checkpoint_due(self) -> bool:
-        return self._wal_pages >= _CHECKPOINT_PAGES
+        return self._wal_pages >= _CHECKPOINT_PAGES and self._sync_failed is None
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file (SQLite fsyncs both), so that
         the next transaction starts the WAL over."""
         if self._sync_failed is not None:
             raise self._sync_failed
+        # Counted afresh either way: after a failure (a full disk, say) the
+        # next attempt comes once as many pages again have been written.
+        self._wal_pages = 0
         try:
-            busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as e:
             raise StorageError(f"checkpoint of {self.path} failed: {e}") from e
-        if not busy:
-            self._wal_pages = 0
         # SQLite keeps its WAL file (one connection, exclusive lock) and
         # only rewrites it; should it ever replace the file, ``sync`` must
         # follow the new one.

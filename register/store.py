@@ -12,9 +12,9 @@ steps so that a replica can go on working while the disk does:
   since the previous sync is then of unknown fate.
 
 Nothing is acknowledged to anyone before the ``sync`` that covers it has
-returned (``quorum.replica``). ``write`` is both steps at once. Calls come
-from one writer at a time, except that ``sync`` may overlap ``apply``.
-``checkpoint`` is housekeeping that the writer runs between applies.
+returned (``quorum.replica``). Calls come from one writer at a time, except
+that ``sync`` may overlap ``apply``. ``checkpoint`` is housekeeping that the
+writer runs between applies, when ``checkpoint_due`` says so.
 
 ``MemoryStore`` keeps the same contract without a disk. An in-process test
 cluster keeps a node's ``MemoryStore`` across a restart of that node (its
@@ -85,9 +85,6 @@ class Store(Protocol):
 
     def sync(self) -> None: ...
 
-    def write(self, batch: Batch) -> None:
-        """``apply`` then ``sync``."""
-
     def checkpoint_due(self) -> bool:
         """Whether ``checkpoint`` should run before the next ``apply``."""
 
@@ -131,9 +128,6 @@ class MemoryStore:
 
     def sync(self) -> None:
         pass  # applied is as durable as this engine gets
-
-    def write(self, batch: Batch) -> None:
-        self.apply(batch)
 
     def checkpoint_due(self) -> bool:
         return False

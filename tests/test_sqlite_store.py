@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import pathlib
 import sqlite3
 import subprocess
@@ -18,6 +20,15 @@ from register.sqlite_store import _CHECKPOINT_PAGES, DB_NAME, SqliteStore
 from register.store import Batch, MemoryStore, Meta, Snapshot, StorageError, Store
 
 NODE = NodeId("n1")
+
+
+def commit(store: Store, batch: Batch) -> None:
+    """A whole commit, as the replica makes one: applied, then synced
+    (with a checkpoint when one is due)."""
+    store.apply(batch)
+    store.sync()
+    if store.checkpoint_due():
+        store.checkpoint()
 
 
 def v(counter: int, value: bytes | None, writer: str = "n1") -> Versioned:
@@ -57,20 +68,22 @@ def test_fresh_store_is_empty_and_blocking(data_dir: pathlib.Path) -> None:
 
 def test_round_trip_and_reopen(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
-    store.write(
+    commit(
+        store,
         Batch(
             entries=[(Key(b"a"), v(1, b"one")), (Key(b"b"), v(2, b"two")), (Key(b""), v(3, b""))],
             rids=[rid(b"r1", b"a", 1, 10.0), rid(b"r2", b"b", 2, 11.0)],
             meta=Meta(node_id=NODE, ready=False, counter_reserved=100),
-        )
+        ),
     )
-    store.write(
+    commit(
+        store,
         Batch(
             entries=[(Key(b"a"), v(4, None, "n2")), (Key(b"\x00\xff"), v(5, b"\x00" * 5000))],
             rids=[rid(b"r3", b"a", 4, 12.0)],
             rids_dropped=[b"r1", b"never-stored"],
             meta=Meta(node_id=NODE, ready=True, counter_reserved=200),
-        )
+        ),
     )
     expected = (
         {
@@ -92,15 +105,15 @@ def test_round_trip_and_reopen(data_dir: pathlib.Path) -> None:
 
 def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
-        store.write(Batch(rids=[rid(b"x", b"k", 1, 30.0), rid(b"y", b"k", 2, 10.0)]))
-        store.write(Batch(rids=[rid(b"z", b"k", 3, 20.0), rid(b"x", b"k", 1, 40.0)]))
+        commit(store, Batch(rids=[rid(b"x", b"k", 1, 30.0), rid(b"y", b"k", 2, 10.0)]))
+        commit(store, Batch(rids=[rid(b"z", b"k", 3, 20.0), rid(b"x", b"k", 1, 40.0)]))
         assert [(r.rid, r.at) for r in store.load().rids] == [(b"y", 10.0), (b"z", 20.0), (b"x", 40.0)]
 
 
 def test_new_databases_use_small_pages(data_dir: pathlib.Path) -> None:
     """1 KiB pages: fewer bytes through each commit's WAL fsync."""
     with SqliteStore.open(data_dir, NODE) as store:
-        store.write(filled_batch(10))
+        commit(store, filled_batch(10))
     conn = sqlite3.connect(data_dir / DB_NAME)
     try:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
@@ -115,7 +128,7 @@ def test_the_wal_is_preallocated_with_zeros(data_dir: pathlib.Path) -> None:
         wal = data_dir / (DB_NAME + "-wal")
         size = wal.stat().st_size
         assert size >= (_CHECKPOINT_PAGES * (1024 + 24))
-        store.write(filled_batch(50))
+        commit(store, filled_batch(50))
         assert wal.stat().st_size == size  # overwritten in place
         assert set(wal.read_bytes()[-(1 << 16) :]) == {0}
     with SqliteStore.open(data_dir, NODE) as store:
@@ -129,8 +142,8 @@ def test_preallocation_keeps_the_wal_a_crash_left(data_dir: pathlib.Path, tmp_pa
     crashed.mkdir()
     store = SqliteStore.open(data_dir, NODE)
     try:
-        store.write(filled_batch(30))
-        store.write(Batch(entries=[(Key(b"last"), v(99, b"kept"))]))
+        commit(store, filled_batch(30))
+        commit(store, Batch(entries=[(Key(b"last"), v(99, b"kept"))]))
         for name in (DB_NAME, DB_NAME + "-wal"):
             (crashed / name).write_bytes((data_dir / name).read_bytes())
     finally:
@@ -145,8 +158,8 @@ def test_batch_of_many_rows_and_dropped_rids(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
     batch = filled_batch(2000)
     batch.rids.extend(rid(b"rid-%05d" % i, b"k", i + 1, float(i)) for i in range(2000))
-    store.write(batch)
-    store.write(Batch(rids_dropped=[b"rid-%05d" % i for i in range(0, 2000, 2)]))
+    commit(store, batch)
+    commit(store, Batch(rids_dropped=[b"rid-%05d" % i for i in range(0, 2000, 2)]))
     store.close()
     reopened = SqliteStore.open(data_dir, NODE)
     entries, rids, _ = contents(reopened.load())
@@ -159,32 +172,32 @@ def test_a_counter_beyond_64_bits_is_a_storage_error(data_dir: pathlib.Path) -> 
     """Never a crash of the commit task: the batch fails and the store goes on."""
     with SqliteStore.open(data_dir, NODE) as store:
         with pytest.raises(StorageError):
-            store.write(Batch(entries=[(Key(b"k"), v(2**63, b"x"))]))
-        store.write(Batch(entries=[(Key(b"k"), v(2**63 - 1, b"x"))]))
+            commit(store, Batch(entries=[(Key(b"k"), v(2**63, b"x"))]))
+        commit(store, Batch(entries=[(Key(b"k"), v(2**63 - 1, b"x"))]))
         assert dict(store.load().entries) == {Key(b"k"): v(2**63 - 1, b"x")}
 
 
 def test_empty_batch_changes_nothing(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
-        store.write(Batch())
+        commit(store, Batch())
         assert store.load() == Snapshot(meta=None, entries=[], rids=[])
 
 
 def test_batch_is_atomic_when_a_value_is_bad(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
-    store.write(filled_batch(10))
+    commit(store, filled_batch(10))
     before = store.load()
     bad: Any = "a str, not bytes"  # refused by the STRICT table, after 499 good rows
     batch = filled_batch(500, tag_base=1000)
     batch.entries.append((Key(b"bad"), v(9999, bad)))
     batch.rids.append(rid(b"r", b"key-000001", 1001, 1.0))
     with pytest.raises(StorageError, match="cannot store TEXT value in BLOB column"):
-        store.write(batch)
+        commit(store, batch)
     assert store.load() == before
     store.close()
     with SqliteStore.open(data_dir, NODE) as store:
         assert store.load() == before
-        store.write(filled_batch(3, tag_base=2000))  # still usable
+        commit(store, filled_batch(3, tag_base=2000))  # still usable
         assert store.load().meta == Meta(node_id=NODE, counter_reserved=2003)
 
 
@@ -205,35 +218,35 @@ class _FailingCommit:
 
 def test_batch_is_atomic_when_commit_fails(data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStore.open(data_dir, NODE)
-    store.write(filled_batch(10))
+    commit(store, filled_batch(10))
     before = store.load()
     monkeypatch.setattr(store, "_conn", _FailingCommit(store._conn))
     batch = filled_batch(300, tag_base=1000)
     with pytest.raises(StorageError, match="injected"):
-        store.write(batch)
+        commit(store, batch)
     monkeypatch.undo()
     assert store.load() == before
     store.close()
     with SqliteStore.open(data_dir, NODE) as store:
         assert store.load() == before
-        store.write(batch)
+        commit(store, batch)
         assert contents(store.load())[0] == dict(batch.entries)
 
 
 def test_fail_writes_then_recovers(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE, fail_writes=True) as store:
         with pytest.raises(StorageError, match="injected"):
-            store.write(filled_batch(5))
+            commit(store, filled_batch(5))
         assert store.load().entries == []
         store.fail_writes = False
-        store.write(filled_batch(5))
+        commit(store, filled_batch(5))
         assert len(store.load().entries) == 5
 
 
 def test_meta_of_another_node_is_a_caller_bug(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
         with pytest.raises(ValueError):
-            store.write(Batch(meta=Meta(node_id=NodeId("n2"))))
+            commit(store, Batch(meta=Meta(node_id=NodeId("n2"))))
         assert store.load().meta is None
 
 
@@ -241,19 +254,19 @@ def test_write_after_close_raises_storage_error(data_dir: pathlib.Path) -> None:
     store = SqliteStore.open(data_dir, NODE)
     store.close()
     with pytest.raises(StorageError):
-        store.write(filled_batch(1))
+        commit(store, filled_batch(1))
 
 
 def test_writes_from_different_threads(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store, ThreadPoolExecutor(4) as pool:
         for i in range(20):  # one at a time, each on whichever worker is free
-            pool.submit(store.write, filled_batch(5, tag_base=i * 5)).result()
+            pool.submit(commit, store, filled_batch(5, tag_base=i * 5)).result()
         assert len(store.load().entries) == 5
 
 
 def test_corrupt_database_is_refused(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
-        store.write(filled_batch(3000))  # ~100 pages
+        commit(store, filled_batch(3000))  # ~100 pages
     path = data_dir / DB_NAME  # close checkpointed everything into it
     size = path.stat().st_size
     assert size > 20 * 4096
@@ -267,7 +280,7 @@ def test_corrupt_database_is_refused(data_dir: pathlib.Path) -> None:
 
 def test_truncated_database_is_refused(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NODE) as store:
-        store.write(filled_batch(3000))
+        commit(store, filled_batch(3000))
     path = data_dir / DB_NAME
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size // 2)
@@ -303,7 +316,7 @@ def test_unknown_schema_version_is_refused(data_dir: pathlib.Path) -> None:
 
 def test_data_dir_of_another_node_is_refused(data_dir: pathlib.Path) -> None:
     with SqliteStore.open(data_dir, NodeId("node-a")) as store:
-        store.write(Batch(meta=Meta(node_id=NodeId("node-a"))))
+        commit(store, Batch(meta=Meta(node_id=NodeId("node-a"))))
     with pytest.raises(StorageError, match="belongs to node node-a, not node-b"):
         SqliteStore.open(data_dir, NodeId("node-b"))
     SqliteStore.open(data_dir, NodeId("node-a")).close()
@@ -361,8 +374,8 @@ def test_same_snapshots_as_memory_store(
         store = SqliteStore.open(pathlib.Path(tmp), NODE)
         try:
             for batch in sequence:
-                model.write(batch)
-                store.write(batch)
+                commit(model, batch)
+                commit(store, batch)
             assert contents(store.load()) == contents(model.load())
         finally:
             store.close()
@@ -398,20 +411,20 @@ def test_full_disk_fails_writes_cleanly_then_recovers(tmp_path: pathlib.Path) ->
             batch = filled_batch(20, tag_base=i * 20, size=1000)
             batch = Batch(entries=[(Key(b"%04d-" % i + k), x) for k, x in batch.entries], meta=batch.meta)
             try:
-                store.write(batch)
+                commit(store, batch)
             except StorageError:
                 break
-            model.write(batch)
+            commit(model, batch)
         else:
             pytest.fail("1 MiB tmpfs never filled up")
         assert model.load().entries, "nothing fitted before the disk was full"
         with pytest.raises(StorageError):
-            store.write(batch)  # still full: fails again, cleanly
+            commit(store, batch)  # still full: fails again, cleanly
         assert contents(store.load()) == contents(model.load())
 
         filler.unlink()
-        store.write(batch)
-        model.write(batch)
+        commit(store, batch)
+        commit(model, batch)
         assert contents(store.load()) == contents(model.load())
         store.close()
         store = SqliteStore.open(mnt / "data", NODE)
@@ -420,3 +433,67 @@ def test_full_disk_fails_writes_cleanly_then_recovers(tmp_path: pathlib.Path) ->
         if store is not None:
             store.close()
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# --- apply, sync, checkpoint ----------------------------------------------------
+
+
+def test_sync_fsyncs_the_wal_that_apply_wrote(
+    data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply`` leaves the fsync out (synchronous=NORMAL); ``sync`` is an
+    fdatasync of the WAL file itself, which is what makes it durable."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    with SqliteStore.open(data_dir, NODE) as store:
+        monkeypatch.setattr(os, "fdatasync", recording)
+        monkeypatch.setattr(os, "fsync", recording)
+        store.apply(filled_batch(5))
+        assert synced == []  # nothing fsynced by the commit itself
+        store.sync()
+        assert synced == [str(data_dir / (DB_NAME + "-wal"))]
+
+
+def test_a_failed_fsync_makes_the_store_refuse_every_later_write(
+    data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        commit(store, filled_batch(5))
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        store.apply(filled_batch(5, tag_base=100))
+        with pytest.raises(StorageError, match="restart the node"):
+            store.sync()
+        monkeypatch.undo()  # the disk "recovers": the store does not trust it
+        with pytest.raises(StorageError, match="restart the node"):
+            store.apply(filled_batch(1, tag_base=200))
+        with pytest.raises(StorageError, match="restart the node"):
+            store.sync()
+        assert not store.checkpoint_due()
+
+
+def test_a_checkpoint_falls_due_after_enough_pages_and_fills_the_database(data_dir: pathlib.Path) -> None:
+    """SQLite's own checkpoint is off; ``checkpoint_due`` asks for one after
+    about ``_CHECKPOINT_PAGES`` pages, and ``checkpoint`` copies the WAL
+    into the database file."""
+    with SqliteStore.open(data_dir, NODE) as store:
+        rows = 0
+        while not store.checkpoint_due():
+            store.apply(filled_batch(100, tag_base=rows))
+            rows += 100
+        store.sync()
+        assert rows >= _CHECKPOINT_PAGES // 2  # about a page per row
+        before = (data_dir / DB_NAME).stat().st_size
+        store.checkpoint()
+        assert not store.checkpoint_due()
+        assert (data_dir / DB_NAME).stat().st_size > before
+        commit(store, Batch(entries=[(Key(b"after"), v(10**6, b"x"))]))
+        assert len(store.load().entries) == 101  # filled_batch's 100 keys, and this one

@@ -4,6 +4,8 @@ direct non-blocking read and write path, partial writes included)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 import trio.testing
@@ -117,11 +119,22 @@ def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(left), trio.SocketStream(right)
 
 
-async def test_what_one_pass_queues_on_a_socket_leaves_in_one_write_at_its_end() -> None:
+async def test_what_one_pass_queues_on_a_socket_leaves_in_one_write_at_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The flusher writes when the loop is about to wait for I/O: messages
     put by the tasks of one scheduler pass share one write, with no writer
     task involved (it never runs here)."""
     sender, receiver = socket_pair()
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        if fd == sender.socket.fileno():
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
     outbox = Outbox(sender, max_frame=MAX_FRAME, batch=False, send_timeout=5)
     start = trio.Event()
 
@@ -137,6 +150,7 @@ async def test_what_one_pass_queues_on_a_socket_leaves_in_one_write_at_its_end()
     with trio.fail_after(5):
         data = await receiver.receive_some(65536)
     # one write with all four (in the order trio ran the producers)
+    assert len(writes) == 1
     assert sorted(bodies_of([data])) == [b"m0", b"m1", b"m2", b"m3"]
     assert outbox.queued_bytes == 0
     await sender.aclose()
@@ -150,8 +164,11 @@ async def test_a_producer_waiting_for_room_wakes_when_the_flusher_drains() -> No
     sender, receiver = socket_pair()
     outbox = Outbox(sender, max_frame=MAX_FRAME, batch=False, send_timeout=5, high_water=10)
     outbox.put(b"x" * 100)  # over the mark; flushed at the end of this pass
-    with trio.fail_after(5):
+    # Without the flusher's poke the loop would sleep until this deadline,
+    # and the checkpoint after the wait would then raise TooSlowError.
+    with trio.fail_after(2):
         await outbox.wait_room()
+        await trio.lowlevel.checkpoint()
     assert outbox.queued_bytes == 0
     assert bodies_of([await receiver.receive_some(65536)]) == [b"x" * 100]
     await sender.aclose()
