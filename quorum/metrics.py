@@ -42,7 +42,8 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.commit_latency = Histogram(
             "qkv_storage_commit_duration_seconds",
-            "Duration of one storage commit (one group commit): from writing its batch to the end of the fsync that covers it.",
+            "Duration of one storage commit (one group commit): from writing its batch"
+            " to the end of the fsync that covers it.",
             buckets=COMMIT_BUCKETS,
             registry=self.registry,
         )
