@@ -55,6 +55,7 @@ __all__ = [
     "Limits",
     "MalformedMessage",
     "decode_peer_frame",
+    "decode_peer_message",
     "decode_reply",
     "decode_request",
     "encode_peer",
@@ -65,6 +66,7 @@ __all__ = [
     "peer_frame_body",
     "peer_frame_header",
     "peer_frame_overhead",
+    "split_peer_frame",
 ]
 
 MAX_ID: Final = 2**64 - 1
@@ -336,13 +338,31 @@ def peer_frame_body(encoded: Sequence[bytes]) -> bytes:
 
 
 def decode_peer_frame(body: bytes) -> list[PeerMessage]:
+    return [decode_peer_message(m) for m in split_peer_frame(body)]
+
+
+def split_peer_frame(body: bytes) -> list[list[Any]]:
+    """A peer frame's messages, each still a raw array whose ``[1]`` is its
+    ``req`` (checked): a reader can drop the replies nobody waits for any
+    more (a phase's stragglers) before paying to decode them."""
     try:
         raw = _unpack(body)
-        if type(raw) is not list:
-            raise ValueError("a peer frame is an array of messages")
-        return [_PEER_DECODERS[m[0]](m) for m in raw]
-    except Exception as exc:  # whatever the bytes were, only this comes out
+    except Exception as exc:  # msgpack raises many unrelated types
         raise MalformedMessage(f"malformed peer frame: {exc!r}") from None
+    if type(raw) is not list:
+        raise MalformedMessage("malformed peer frame: not an array of messages")
+    for m in raw:
+        if type(m) is not list or len(m) < 2 or type(m[1]) is not int or m[1] < 0:
+            raise MalformedMessage(f"malformed peer frame: {m!r} is not [type, req, ...]")
+    return raw
+
+
+def decode_peer_message(raw: list[Any]) -> PeerMessage:
+    """One message of ``split_peer_frame``."""
+    try:
+        return _PEER_DECODERS[raw[0]](raw)
+    except Exception as exc:  # whatever the bytes were, only this comes out
+        raise MalformedMessage(f"malformed peer message: {exc!r}") from None
 
 
 # Peer messages are positional arrays, ``[type, req, fields...]``, packed and

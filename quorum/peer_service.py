@@ -180,11 +180,12 @@ class PeerService:
 
     def _handle_frame(self, peer: NodeId, messages: list[PeerMessage], outbox: Outbox) -> None:
         replica = self.replica
+        serving = replica.ready or self.switches.serve_before_catch_up
         stores: list[Store] = []
         for message in messages:
             match message:
                 case Query(req=req, key=key, rid=rid):
-                    if replica.ready or self.switches.serve_before_catch_up:
+                    if serving:
                         reply: QueryReply | Refused = QueryReply(
                             req=req, version=replica.get(key), rid_seen=replica.rid_seen(rid)
                         )

@@ -28,10 +28,11 @@ import trio
 from net.address import Address
 from net.codec import (
     MalformedMessage,
-    decode_peer_frame,
+    decode_peer_message,
     decode_reply,
     encode_peer_auth,
     encode_request,
+    split_peer_frame,
 )
 from net.framing import FrameError, encode_frame
 from net.messages import PeerHello, PeerResponse, PingReply
@@ -195,11 +196,17 @@ class PeerLink:
             if not bodies:
                 raise trio.BrokenResourceError("peer closed the connection")
             for body in bodies:
-                for message in decode_peer_frame(body):
-                    req = message.req
+                for raw in split_peer_frame(body):
+                    req = raw[1]
                     waiter = pending.pop(req, None)
-                    if waiter is not None:
-                        waiter.peer_reply(peer, req, message)  # type: ignore[arg-type]
+                    if waiter is None:
+                        continue  # a straggler of a phase that is over: not even decoded
+                    try:
+                        message = decode_peer_message(raw)
+                    except MalformedMessage:
+                        waiter.peer_reply(peer, req, None)
+                        raise  # the link is dropped, failing the others
+                    waiter.peer_reply(peer, req, message)  # type: ignore[arg-type]
 
 
 class _HandshakeFailed(Exception):

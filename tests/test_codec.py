@@ -15,6 +15,7 @@ from net.codec import (
     Limits,
     MalformedMessage,
     decode_peer_frame,
+    decode_peer_message,
     decode_reply,
     decode_request,
     encode_peer,
@@ -22,6 +23,7 @@ from net.codec import (
     encode_request,
     peer_frame_body,
     peer_frame_overhead,
+    split_peer_frame,
 )
 from net.errors import BadRequest, QkvError, UnknownOp
 from net.messages import (
@@ -145,6 +147,21 @@ def test_peer_frame_of_many_messages(messages: list[PeerMessage]) -> None:
 def test_peer_frame_rejects_bad_messages(raw: Any) -> None:
     with pytest.raises(MalformedMessage):
         decode_peer_frame(msgpack.packb([raw], use_bin_type=True))
+
+
+def test_a_split_frame_defers_decoding_but_not_the_req() -> None:
+    """A reader looks at each message's req first (and decodes only those
+    it waits for); the frame and the reqs are checked at once, the rest
+    when a message is decoded."""
+    body = msgpack.packb([["sa", 7], ["qr", 8, "not a tag", None, None, None]], use_bin_type=True)
+    raw = split_peer_frame(body)
+    assert [m[1] for m in raw] == [7, 8]
+    assert decode_peer_message(raw[0]) == StoreAck(req=7)
+    with pytest.raises(MalformedMessage):
+        decode_peer_message(raw[1])
+    for bad in (["sa"], ["sa", -1], ["sa", "7"], "sa"):
+        with pytest.raises(MalformedMessage):
+            split_peer_frame(msgpack.packb([bad], use_bin_type=True))
 
 
 @pytest.mark.parametrize("body", [msgpack.packb(["sa", 1]), msgpack.packb(5), b"", b"\xc1"])
