@@ -95,9 +95,13 @@ class _Run:
                     pass
                 case _:
                     assert_never(step)
-        except Exception as exc:  # a bug: fail this request, not the node
-            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
-            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a bug
+            self._failed_by_bug(exc)
+
+    def _failed_by_bug(self, exc: Exception) -> None:
+        """Fail this request, not the node."""
+        log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
+        self.finish(Internal(f"{type(exc).__name__}: {exc}"))
 
     def _tag_issued(self, tag: Tag | StorageError) -> None:
         if self.over:
@@ -107,9 +111,8 @@ class _Run:
             return
         try:
             step = self.op.tag_issued(tag)
-        except Exception as exc:  # a bug: fail this request, not the node
-            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
-            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a bug
+            self._failed_by_bug(exc)
             return
         self.advance(step)
 
@@ -147,8 +150,7 @@ class _Run:
         try:
             step = self.op.receive(node, outcome)
         except Exception as exc:
-            log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
-            self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+            self._failed_by_bug(exc)
             return
         if step is not PENDING:
             self.advance(step)

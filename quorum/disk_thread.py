@@ -37,14 +37,12 @@ class DiskThread:
     def __init__(self, name: str) -> None:
         self._name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
     def start(self) -> None:
         """Start the thread (from the trio thread that will get outcomes)."""
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name=self._name, daemon=True).start()
 
     def stop(self) -> None:
         """Let the thread exit once the calls already submitted are done.
