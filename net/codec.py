@@ -28,10 +28,14 @@ from net.errors import BadRequest, UnknownOp
 from net.messages import (
     PEER_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    Cas,
+    CasReply,
     Delete,
     ErrorReply,
     Get,
     GetReply,
+    Incr,
+    IncrReply,
     PeerHello,
     PeerMessage,
     Ping,
@@ -74,6 +78,7 @@ MAX_ID: Final = 2**64 - 1
 MAX_COUNTER: Final = 2**63 - 1
 MIN_RID, MAX_RID = 8, 64
 MAX_KEY: Final = 1024
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
 
 T = TypeVar("T")
 
@@ -126,8 +131,6 @@ def _make_converter() -> cattrs.Converter:
     return conv
 
 
-_REPLY_OPS: Final[dict[type, str]] = {PingReply: "ping", GetReply: "get", WriteReply: "write"}
-
 _converter: Final = _make_converter()
 _packer: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
 
@@ -162,6 +165,18 @@ def _is_key(v: Any) -> bool:
 
 def _is_rid(v: Any) -> bool:
     return type(v) is bytes and MIN_RID <= len(v) <= MAX_RID
+
+
+def _required_or_nil(
+    body: dict[str, Any], name: str, check: Callable[[Any], bool], what: str, rid: int
+) -> Any:
+    """A field that must be present, and may be nil (cas's expect and value)."""
+    if name not in body:
+        raise BadRequest(f"missing field {name!r} (nil stands for not found)", request_id=rid)
+    value = body[name]
+    if value is not None and not check(value):
+        raise BadRequest(f"field {name!r} must be {what} or nil", request_id=rid)
+    return value
 
 
 class FatalRequest(BadRequest):
@@ -200,6 +215,25 @@ def decode_request(body: bytes, limits: Limits) -> Request:
             key = _field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)
             rid_ = _field(raw, "rid", _is_rid, "bin of 8 to 64 bytes", rid, optional=True)
             return Delete(id=rid, key=Key(key), rid=rid_)
+        case "cas":
+            key = _field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)
+            in_range = lambda v: type(v) is bytes and len(v) <= limits.max_value  # noqa: E731
+            what = f"bin of at most {limits.max_value} bytes"
+            expect = _required_or_nil(raw, "expect", in_range, what, rid)
+            value = _required_or_nil(raw, "value", in_range, what, rid)
+            rid_ = _field(raw, "rid", _is_rid, "bin of 8 to 64 bytes", rid, optional=True)
+            return Cas(id=rid, key=Key(key), expect=expect, value=value, rid=rid_)
+        case "incr":
+            key = _field(raw, "key", _is_key, "bin of 1 to 1024 bytes", rid)
+            by = _field(
+                raw,
+                "by",
+                lambda v: type(v) is int and MIN_INT64 <= v <= MAX_INT64,
+                "a signed 64-bit integer",
+                rid,
+            )
+            rid_ = _field(raw, "rid", _is_rid, "bin of 8 to 64 bytes", rid, optional=True)
+            return Incr(id=rid, key=Key(key), by=by, rid=rid_)
         case "ping":
             return Ping(id=rid)
         case "peer_hello":
@@ -230,6 +264,8 @@ _REQUEST_OPS: Final[dict[type, str]] = {
     Get: "get",
     Set: "set",
     Delete: "delete",
+    Cas: "cas",
+    Incr: "incr",
     PeerHello: "peer_hello",
 }
 
@@ -262,6 +298,15 @@ def _encode_ping_reply(reply: PingReply) -> dict[str, Any]:
 _REPLY_ENCODERS: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
     GetReply: lambda r: {"id": r.id, "ok": True, "found": r.found, "value": r.value, "tag": r.tag},
     WriteReply: lambda r: {"id": r.id, "ok": True, "tag": r.tag},
+    CasReply: lambda r: {
+        "id": r.id,
+        "ok": True,
+        "swapped": r.swapped,
+        "found": r.found,
+        "value": r.value,
+        "tag": r.tag,
+    },
+    IncrReply: lambda r: {"id": r.id, "ok": True, "value": r.value, "tag": r.tag},
     ErrorReply: lambda r: {"id": r.id, "ok": False, "error": r.error, "message": r.message},
     PingReply: _encode_ping_reply,
 }

@@ -15,6 +15,7 @@ from typing import ClassVar
 __all__ = [
     "BadRequest",
     "Internal",
+    "NotInteger",
     "PeerUnavailable",
     "QkvError",
     "ShuttingDown",
@@ -66,8 +67,17 @@ class Internal(QkvError):
     code = "internal"
 
 
+class NotInteger(QkvError):
+    """``incr`` on a value that is not a canonical signed 64-bit decimal, or
+    whose result would leave that range; nothing was changed."""
+
+    code = "not_integer"
+    definite = True
+
+
 _BY_CODE: dict[str, type[QkvError]] = {
-    cls.code: cls for cls in (BadRequest, TooLarge, UnknownOp, Unavailable, ShuttingDown, Internal)
+    cls.code: cls
+    for cls in (BadRequest, TooLarge, UnknownOp, Unavailable, ShuttingDown, Internal, NotInteger)
 }
 
 

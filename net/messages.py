@@ -51,6 +51,28 @@ class Delete:
 
 
 @attrs.frozen(kw_only=True)
+class Cas:
+    """Compare-and-set: if the key holds ``expect`` (``None``: not found),
+    it takes ``value`` (``None``: deleted), in one atomic step."""
+
+    id: int
+    key: Key
+    expect: bytes | None
+    value: bytes | None
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Incr:
+    """Add ``by`` to the key's canonical decimal integer (absent counts as 0)."""
+
+    id: int
+    key: Key
+    by: int
+    rid: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
 class PeerHello:
     """First frame of a node-to-node connection (op ``peer_hello``): the
     connection then carries peer frames (see docs/protocol.md)."""
@@ -62,8 +84,9 @@ class PeerHello:
     nonce: bytes | None = None
 
 
-Request: TypeAlias = Ping | Get | Set | Delete | PeerHello
+Request: TypeAlias = Ping | Get | Set | Delete | Cas | Incr | PeerHello
 WriteRequest: TypeAlias = Set | Delete
+AtomicRequest: TypeAlias = Cas | Incr
 
 # --- client replies --------------------------------------------------------
 
@@ -114,13 +137,33 @@ class WriteReply:
 
 
 @attrs.frozen(kw_only=True)
+class CasReply:
+    """``swapped``: the cas took effect; either way ``found``, ``value`` and
+    ``tag`` describe what the key holds now (as a get would)."""
+
+    id: int
+    swapped: bool
+    found: bool
+    value: bytes | None
+    tag: Tag | None
+
+
+@attrs.frozen(kw_only=True)
+class IncrReply:
+    id: int
+    #: the key's new value
+    value: int
+    tag: Tag
+
+
+@attrs.frozen(kw_only=True)
 class ErrorReply:
     id: int | None
     error: str
     message: str
 
 
-Reply: TypeAlias = PingReply | GetReply | WriteReply | ErrorReply
+Reply: TypeAlias = PingReply | GetReply | WriteReply | CasReply | IncrReply | ErrorReply
 
 # --- node to node ----------------------------------------------------------
 

@@ -20,10 +20,14 @@ from net.codec import FatalRequest, Limits, decode_reply, decode_request, encode
 from net.errors import QkvError, TooLarge
 from net.framing import HEADER_SIZE, FrameDecoder, FrameError, FrameTooLarge
 from net.messages import (
+    Cas,
+    CasReply,
     Delete,
     ErrorReply,
     Get,
     GetReply,
+    Incr,
+    IncrReply,
     PeerHello,
     Ping,
     PingReply,
@@ -43,13 +47,19 @@ REQUEST_CLASSES: dict[str, type[Request]] = {
     "get": Get,
     "set": Set,
     "delete": Delete,
+    "cas": Cas,
+    "incr": Incr,
     "peer_hello": PeerHello,
 }
 
-valid = [pytest.param(v, id=v["name"]) for v in VECTORS["valid"]]
-valid_requests = [pytest.param(v, id=v["name"]) for v in VECTORS["valid"] if "op" in v["decoded"]]
-valid_replies = [pytest.param(v, id=v["name"]) for v in VECTORS["valid"] if "op" not in v["decoded"]]
-invalid = [pytest.param(v, id=v["name"]) for v in VECTORS["invalid"]]
+#: the frames of version 1, then those added with atomic updates (2026-12-02)
+ALL_VALID = VECTORS["valid"] + VECTORS["atomic"]["valid"]
+ALL_INVALID = VECTORS["invalid"] + VECTORS["atomic"]["invalid"]
+
+valid = [pytest.param(v, id=v["name"]) for v in ALL_VALID]
+valid_requests = [pytest.param(v, id=v["name"]) for v in ALL_VALID if "op" in v["decoded"]]
+valid_replies = [pytest.param(v, id=v["name"]) for v in ALL_VALID if "op" not in v["decoded"]]
+invalid = [pytest.param(v, id=v["name"]) for v in ALL_INVALID]
 
 
 def from_json(obj: Any) -> Any:
@@ -89,10 +99,14 @@ def without_nil_rid(m: dict[str, Any]) -> dict[str, Any]:
 def reply_class(decoded: dict[str, Any]) -> type[Reply]:
     if not decoded["ok"]:
         return ErrorReply
+    if "swapped" in decoded:
+        return CasReply
     if "found" in decoded:
         return GetReply
     if "node" in decoded:
         return PingReply
+    if "value" in decoded:
+        return IncrReply
     return WriteReply
 
 
@@ -100,11 +114,11 @@ def reply_class(decoded: dict[str, Any]) -> type[Reply]:
 
 
 def test_vectors_cover_every_kind() -> None:
-    ops = {v["decoded"]["op"] for v in VECTORS["valid"] if "op" in v["decoded"]}
-    assert ops == {"ping", "get", "set", "delete"}
-    kinds = {reply_class(v["decoded"]) for v in VECTORS["valid"] if "op" not in v["decoded"]}
-    assert kinds == {PingReply, GetReply, WriteReply, ErrorReply}
-    assert VECTORS["invalid"]
+    ops = {v["decoded"]["op"] for v in ALL_VALID if "op" in v["decoded"]}
+    assert ops == {"ping", "get", "set", "delete", "cas", "incr"}
+    kinds = {reply_class(v["decoded"]) for v in ALL_VALID if "op" not in v["decoded"]}
+    assert kinds == {PingReply, GetReply, WriteReply, CasReply, IncrReply, ErrorReply}
+    assert VECTORS["invalid"] and VECTORS["atomic"]["invalid"]
 
 
 @pytest.mark.parametrize("vector", valid)
