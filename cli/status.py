@@ -17,7 +17,7 @@ from net.address import Address
 from net.client import open_client
 from net.errors import PeerUnavailable, QkvError
 from net.messages import NodeStats
-from quorum.decide import majority
+from quorum.protocol.decide import majority
 
 
 @attrs.frozen

@@ -29,8 +29,8 @@ import trio
 
 from net.codec import encode_peer
 from net.messages import PeerResponse, SyncChunk, SyncPage
-from quorum.decide import majority
 from quorum.peers import PeerLink
+from quorum.protocol.decide import majority
 from quorum.replica import Replica, Update
 from register.model import NodeId, Versioned
 from register.state import highest_counter

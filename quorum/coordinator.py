@@ -1,4 +1,4 @@
-"""The coordinator: drives client operations (``quorum.operation``) over
+"""The coordinator: drives client operations (``quorum.protocol.operation``) over
 the node's replica and its peer links, without a task per request.
 
 An operation advances in callbacks: each phase's message goes to every node
@@ -33,7 +33,8 @@ from net.codec import encode_peer
 from net.errors import BadRequest, Internal, QkvError, Unavailable
 from net.messages import PeerRequest, PeerResponse, Query, QueryReply, Store, StoreAck
 from quorum.faults import FaultSwitches
-from quorum.operation import (
+from quorum.peers import PeerLink
+from quorum.protocol.operation import (
     PENDING,
     Done,
     Failed,
@@ -47,7 +48,6 @@ from quorum.operation import (
     SendStore,
     Step,
 )
-from quorum.peers import PeerLink
 from quorum.replica import Replica, Update
 from register.model import NodeId, Tag
 from register.store import StorageError

@@ -43,12 +43,12 @@ from net.stream import FramedReader, Outbox
 from net.tls import TlsFiles, client_context, server_context
 from quorum.catch_up import catch_up
 from quorum.coordinator import Coordinator
-from quorum.decide import majority
 from quorum.faults import FaultSwitches
 from quorum.metrics import NodeMetrics
-from quorum.operation import Done, Operation
 from quorum.peer_service import PeerService, SyncSessions
 from quorum.peers import PeerLink
+from quorum.protocol.decide import majority
+from quorum.protocol.operation import Done, Operation
 from quorum.replica import Replica
 from quorum.stats import RequestStats
 from register.model import NodeId, Tag

@@ -1,6 +1,6 @@
 """A deterministic simulation of a qkv cluster's protocol core.
 
-The nodes run the production state machine (``quorum.operation``) and the
+The nodes run the production state machine (``quorum.protocol.operation``) and the
 production merge (``register.state.apply_updates``) and rid table; only the
 network and the clock are simulated. A *program* (a list of integer pairs,
 so that hypothesis can generate and shrink it) decides every step: which
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from quorum.operation import (
+from quorum.protocol.operation import (
     Done,
     Failed,
     IssueTag,

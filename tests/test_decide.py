@@ -1,4 +1,4 @@
-"""Quorum decisions (quorum.decide), checked against brute-force oracles."""
+"""Quorum decisions (quorum.protocol.decide), checked against brute-force oracles."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quorum.decide import Decision, ReadOutcome, Vote, majority, read_outcome, write_tag
+from quorum.protocol.decide import Decision, ReadOutcome, Vote, majority, read_outcome, write_tag
 from register.model import NodeId, Tag, Versioned
 from tests.strategies import node_ids, small_tags, tags, versions
 

@@ -273,7 +273,9 @@ def test_rid_table_count_bound_drops_oldest_first() -> None:
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
     [
-        (["register", "register.rids", "register.state", "quorum.decide", "net.framing"], "trio"),
+        (["register", "register.rids", "register.state", "quorum.protocol", "net.framing"], "trio"),
+        (["quorum.protocol.decide", "quorum.protocol.operation"], "trio"),
+        (["quorum.protocol.decide", "quorum.protocol.operation"], "msgpack"),
         (["net.codec", "net.messages", "net.errors"], "trio"),
         (["register", "register.rids", "register.state", "register.sqlite_store"], "msgpack"),
     ],

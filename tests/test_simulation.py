@@ -15,7 +15,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quorum.operation import SendQuery, SendStore
+from quorum.protocol.operation import SendQuery, SendStore
 from register.model import Key, NodeId
 from tests.simulation import Simulation
 from tests.support.history import Op

@@ -11,7 +11,7 @@ simulated network, so the protocol that is proven is the protocol that runs.
     step = op.receive(node, reply_or_None)     # Pending, Send, IssueTag, Done, Failed
     step = op.tag_issued(tag)                  # after IssueTag: Send(Store)
 
-The rules (see ``quorum.decide`` for the decisions themselves):
+The rules (see ``quorum.protocol.decide`` for the decisions themselves):
 
 - get: query a majority; if fewer than a majority hold the newest tag, store
   it on a majority (write-back) before answering.
@@ -28,7 +28,7 @@ from typing import TypeAlias, cast
 
 import attrs
 
-from quorum.decide import Decision, Vote, read_outcome
+from quorum.protocol.decide import Decision, Vote, read_outcome
 from register.model import Key, NodeId, Tag, Versioned, request_fingerprint
 
 __all__ = [

@@ -52,7 +52,7 @@ import trio
 
 from net.address import Address
 from quorum.cluster import LocalCluster, open_cluster
-from quorum.decide import majority
+from quorum.protocol.decide import majority
 from tests.support.history import Op
 from tests.support.linearizability import check
 from tests.support.procs import LOOPBACK, QKV, ProcCluster, free_ports, ping_states
