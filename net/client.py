@@ -5,10 +5,12 @@ may call ``request`` at once; requests are written in the order called and
 replies, which may come back in any order, are matched by ``id``.
 
 ``Client``: the cluster client behind the ``qkv`` command and the tests. It
-tries the nodes in turn until one completes the request. A set or delete
-gets a random request id (``rid``) once, and every retry of it carries the
-same rid, so a retry returns the first attempt's result instead of writing
-twice whenever the first attempt reached a majority.
+tries the nodes in turn until one completes the request. A set, delete,
+cas or incr gets a random request id (``rid``) once, and every retry of it
+carries the same rid, so a retry returns the first attempt's result instead
+of writing twice (or, for an incr, adding twice) whenever the first attempt
+reached a majority. A definite error (``bad_request``, ``not_integer``, ...)
+is raised at once, without trying another node.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ from net.codec import MalformedMessage, encode_request, structure_reply, unpack_
 from net.errors import PeerUnavailable, ShuttingDown, Unavailable, error_for_code
 from net.framing import FrameError
 from net.messages import (
+    Cas,
+    CasReply,
     Delete,
     ErrorReply,
     Get,
     GetReply,
+    Incr,
+    IncrReply,
     Ping,
     PingReply,
     Request,
@@ -43,11 +49,22 @@ from net.stream import FramedReader, Outbox
 from net.tls import wrap_client
 from register.model import Key, Tag
 
-__all__ = ["Client", "Connection", "GetResult", "open_client", "open_connection"]
+__all__ = [
+    "CasResult",
+    "Client",
+    "Connection",
+    "GetResult",
+    "IncrResult",
+    "open_client",
+    "open_connection",
+]
 
 T = TypeVar("T")
 
 DEFAULT_MAX_FRAME = 2 * 1024 * 1024
+#: the range of ``incr``'s ``by`` and of the integers it stores (signed 64-bit)
+MIN_INT64 = -(2**63)
+MAX_INT64 = 2**63 - 1
 CONNECT_TIMEOUT = 2.0
 SEND_TIMEOUT = 30.0
 
@@ -182,6 +199,26 @@ class GetResult:
     tag: Tag | None
 
 
+@attrs.frozen
+class CasResult:
+    """What a cas did: ``swapped`` if it took effect; either way ``found``,
+    ``value`` and ``tag`` describe what the key holds now, as a get would
+    (after a swap, what the cas wrote)."""
+
+    swapped: bool
+    found: bool
+    value: bytes | None
+    tag: Tag | None
+
+
+@attrs.frozen
+class IncrResult:
+    """The key's value after an incr, and the tag it is stored under."""
+
+    value: int
+    tag: Tag
+
+
 class Client:
     """Fail-over client over a list of nodes (use ``open_client``)."""
 
@@ -221,8 +258,36 @@ class Client:
         rid = rid or secrets.token_bytes(16)
         return (await self._call(Delete(id=0, key=Key(key), rid=rid), WriteReply)).tag
 
+    async def cas(
+        self, key: bytes, expect: bytes | None, value: bytes | None, *, rid: bytes | None = None
+    ) -> CasResult:
+        """If ``key`` holds ``expect`` (``None``: not found), store ``value``
+        (``None``: delete it), in one atomic step. Not swapping is a
+        result, not an error: the result then shows the current state."""
+        rid = rid or secrets.token_bytes(16)
+        request = Cas(id=0, key=Key(key), expect=expect, value=value, rid=rid)
+        reply = await self._call(request, CasReply)
+        return CasResult(reply.swapped, reply.found, reply.value, reply.tag)
+
+    async def incr(self, key: bytes, by: int = 1, *, rid: bytes | None = None) -> IncrResult:
+        """Add ``by`` (signed 64-bit, may be negative or zero) to the
+        canonical decimal integer ``key`` holds (not found counts as 0);
+        raise ``NotInteger``, having changed nothing, if it holds anything
+        else or the sum leaves the signed 64-bit range."""
+        if not MIN_INT64 <= by <= MAX_INT64:
+            raise ValueError(f"incr: by={by} is outside the signed 64-bit range")
+        rid = rid or secrets.token_bytes(16)
+        reply = await self._call(Incr(id=0, key=Key(key), by=by, rid=rid), IncrReply)
+        return IncrResult(reply.value, reply.tag)
+
     async def _call(self, request: Request, expected: type[T]) -> T:
-        """Try each node once, starting with the one that last answered."""
+        """Try each node once, starting with the one that last answered.
+
+        Only an attempt of unknown or no outcome on that node (unavailable,
+        shutting_down, a broken connection, no answer in time) moves on to
+        the next node, with the same request and so the same rid; any
+        other error reply (``bad_request``, ``not_integer``, ...) is raised
+        as it came."""
         errors: list[str] = []
         for i in range(len(self.nodes)):
             index = (self._preferred + i) % len(self.nodes)
