@@ -55,28 +55,67 @@ class Versioned:
 
 
 @attrs.frozen(kw_only=True)
-class RidRecord:
-    """A remembered request id: the tag its write was stored under.
+class RidNote:
+    """What travels with a write that carries a request id: the rid, the
+    fingerprint of its request, the tag the write was stored under and, for
+    an ``incr``, its result (the new value), which a retry must answer
+    without adding again (the stored version may be overwritten by then).
 
-    ``request`` is the fingerprint of the write (``request_fingerprint``):
-    a retry carries the same rid *and* the same key and value; the same rid
-    on a different write is a client error, never a reason to answer with
-    another write's tag. ``at`` is wall-clock seconds, used only to expire
-    old records.
+    ``request`` is the fingerprint of the request (``request_fingerprint``,
+    ``cas_fingerprint``, ``incr_fingerprint``): a retry carries the same rid
+    *and* the same op and arguments; the same rid on another request is a
+    client error, never a reason to answer with another write's result.
+    """
+
+    rid: bytes
+    request: bytes
+    tag: Tag
+    result: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RidRecord:
+    """A remembered request id (a ``RidNote`` a replica stored).
+
+    ``at`` is wall-clock seconds, used only to expire old records.
     """
 
     rid: bytes
     request: bytes
     tag: Tag
     at: float
+    result: int | None = None
+
+    @property
+    def note(self) -> RidNote:
+        return RidNote(rid=self.rid, request=self.request, tag=self.tag, result=self.result)
+
+
+def _digest(key: Key, *parts: bytes) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(key).to_bytes(4, "big") + key)
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
 
 
 def request_fingerprint(key: Key, value: bytes | None) -> bytes:
-    """A 128-bit digest of a write (a set of ``value``, or a delete)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(len(key).to_bytes(4, "big") + key)
-    digest.update(b"d" if value is None else b"s" + value)
-    return digest.digest()
+    """A 128-bit digest of a blind write (a set of ``value``, or a delete)."""
+    return _digest(key, b"d" if value is None else b"s" + value)
+
+
+def cas_fingerprint(key: Key, expect: bytes | None, value: bytes | None) -> bytes:
+    """A 128-bit digest of a cas request (op, key and both arguments)."""
+
+    def part(v: bytes | None) -> bytes:
+        return b"n" if v is None else b"b" + len(v).to_bytes(4, "big") + v
+
+    return _digest(key, b"c", part(expect), part(value))
+
+
+def incr_fingerprint(key: Key, by: int) -> bytes:
+    """A 128-bit digest of an incr request (op, key and step)."""
+    return _digest(key, b"i", by.to_bytes(9, "big", signed=True))
 
 
 def newer(held: Versioned | None, incoming: Versioned) -> bool:

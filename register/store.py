@@ -42,12 +42,17 @@ class Meta:
     (false on a new or wiped data dir). ``counter_reserved``: every tag this
     node has issued or may issue before the next reservation has a counter
     at most this; a restarted node resumes above it, so it never reissues a
-    tag (see ``quorum.replica``).
+    tag (see ``quorum.replica``). ``promise_reserved``: every promise this
+    node has made (a prepare of a cas or incr, ``quorum.protocol.acceptor``)
+    has a ballot counter at most this; a restarted node, which has forgotten
+    its promises, refuses every ballot and store up to it, so it never
+    accepts what it promised to refuse.
     """
 
     node_id: NodeId
     ready: bool = False
     counter_reserved: int = 0
+    promise_reserved: int = 0
 
 
 @attrs.frozen(kw_only=True)
