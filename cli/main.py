@@ -1,17 +1,19 @@
 """``qkv``: run nodes and clusters, and read and write keys.
 
 Exit status of the client commands (the command-line contract):
-0 done, 1 key not found (``get``), 2 usage error, 3 unavailable (no node
-could complete the request). Every message is one line on stderr.
+0 done, 1 key not found (``get``), not swapped (``cas``, ``set
+--if-absent``) or not an integer (``incr``), 2 usage error, 3 unavailable
+(no node could complete the request). Every message is one line on stderr.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -19,12 +21,14 @@ import click
 import trio
 
 from cli.options import address_list, setup_logging
-from net.client import open_client
-from net.errors import QkvError, Unavailable
+from net.client import MAX_INT64, MIN_INT64, CasResult, Client, open_client
+from net.errors import NotInteger, QkvError, Unavailable
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 EXIT_NOT_FOUND = 1
+#: ``cas`` or ``set --if-absent`` did not swap; ``incr`` found no integer
+EXIT_NOT_DONE = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
@@ -112,14 +116,14 @@ def _key(text: str) -> bytes:
     return os.fsencode(text)
 
 
+ClientAction = Callable[[Client, bytes], Awaitable[int]]
+
+
 def _run_client(
-    nodes: str,
-    timeout: float,
-    tls: ssl.SSLContext | None,
-    op: str,
-    key: str,
-    value: str | None = None,
+    nodes: str, timeout: float, tls: ssl.SSLContext | None, key: str, action: ClientAction
 ) -> int:
+    """Run ``action(client, key bytes)`` and return its exit status; the
+    errors of every client command become one line and their exit status."""
     addresses = address_list(nodes)
     key_bytes = _key(key)
     if not 1 <= len(key_bytes) <= 1024:
@@ -127,19 +131,7 @@ def _run_client(
 
     async def run() -> int:
         async with open_client(addresses, timeout=timeout, ssl_context=tls) as client:
-            if op == "get":
-                result = await client.get(key_bytes)
-                if not result.found:
-                    click.echo(f"qkv: key {key!r} not found", err=True)
-                    return EXIT_NOT_FOUND
-                sys.stdout.buffer.write(result.value or b"")
-                sys.stdout.buffer.flush()
-            elif op == "set":
-                assert value is not None
-                await client.set(key_bytes, _key(value))
-            else:
-                await client.delete(key_bytes)
-            return 0
+            return await action(client, key_bytes)
 
     try:
         return trio.run(run)
@@ -149,6 +141,23 @@ def _run_client(
         fail(f"{exc.code}: {exc.message}", EXIT_USAGE if exc.definite else EXIT_UNAVAILABLE)
 
 
+def _print_value(value: bytes | None) -> None:
+    """A value on stdout as stored: the bytes, no newline added."""
+    sys.stdout.buffer.write(value or b"")
+    sys.stdout.buffer.flush()
+
+
+def _not_swapped(key: str, result: CasResult, what: str) -> int:
+    """Exit 1 of ``cas`` and ``set --if-absent``: the current value (if
+    any) on stdout, as ``get`` prints it, and one line on stderr."""
+    if result.found:
+        _print_value(result.value)
+        click.echo(f"qkv: {what}: key {key!r} holds another value (printed on stdout)", err=True)
+    else:
+        click.echo(f"qkv: {what}: key {key!r} not found", err=True)
+    return EXIT_NOT_DONE
+
+
 @cli.command()
 @click.argument("key")
 @nodes_option
@@ -156,18 +165,44 @@ def _run_client(
 @with_tls_options
 def get(key: str, nodes: str, timeout: float, **tls: Path | None) -> None:
     """Print the value of KEY to stdout, as stored (exit 1 if not found)."""
-    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "get", key))
+
+    async def action(client: Client, key_bytes: bytes) -> int:
+        result = await client.get(key_bytes)
+        if not result.found:
+            click.echo(f"qkv: key {key!r} not found", err=True)
+            return EXIT_NOT_FOUND
+        _print_value(result.value)
+        return 0
+
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), key, action))
 
 
 @cli.command(name="set")
 @click.argument("key")
 @click.argument("value")
+@click.option(
+    "--if-absent",
+    is_flag=True,
+    help="Write only if KEY is not found (never written, or deleted); exit 1 if it has a value.",
+)
 @nodes_option
 @timeout_option
 @with_tls_options
-def set_(key: str, value: str, nodes: str, timeout: float, **tls: Path | None) -> None:
-    """Set KEY to VALUE, acknowledged once a majority stored it durably."""
-    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "set", key, value))
+def set_(key: str, value: str, if_absent: bool, nodes: str, timeout: float, **tls: Path | None) -> None:
+    """Set KEY to VALUE, acknowledged once a majority stored it durably.
+
+    With --if-absent it is 'qkv cas KEY --expect-absent --value VALUE':
+    exit 0 written; exit 1 if KEY already had a value, which is printed
+    on stdout as 'get' prints it."""
+
+    async def action(client: Client, key_bytes: bytes) -> int:
+        if not if_absent:
+            await client.set(key_bytes, _key(value))
+            return 0
+        result = await client.cas(key_bytes, None, _key(value))
+        return 0 if result.swapped else _not_swapped(key, result, "not written")
+
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), key, action))
 
 
 @cli.command()
@@ -177,7 +212,127 @@ def set_(key: str, value: str, nodes: str, timeout: float, **tls: Path | None) -
 @with_tls_options
 def delete(key: str, nodes: str, timeout: float, **tls: Path | None) -> None:
     """Delete KEY (it then reads as not found)."""
-    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), "delete", key))
+
+    async def action(client: Client, key_bytes: bytes) -> int:
+        await client.delete(key_bytes)
+        return 0
+
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), key, action))
+
+
+@cli.command()
+@click.argument("key")
+@click.option("--expect", metavar="OLD", default=None, help="Swap only if KEY holds exactly OLD.")
+@click.option(
+    "--expect-absent", is_flag=True, help="Swap only if KEY is not found (never written, or deleted)."
+)
+@click.option("--value", metavar="NEW", default=None, help="What KEY then holds.")
+@click.option("--delete", "delete_", is_flag=True, help="Delete KEY instead of giving it a value.")
+@nodes_option
+@timeout_option
+@with_tls_options
+def cas(
+    key: str,
+    expect: str | None,
+    expect_absent: bool,
+    value: str | None,
+    delete_: bool,
+    nodes: str,
+    timeout: float,
+    **tls: Path | None,
+) -> None:
+    """Compare-and-set: if KEY holds what --expect or --expect-absent says,
+    give it --value NEW or --delete it, in one atomic step.
+
+    Exit 0 swapped; exit 1 not swapped: nothing changed, the current value
+    (if any) is printed on stdout as 'get' prints it, and stderr says so.
+    Retried on another node with the same request id, like 'set'.
+
+    \b
+    qkv cas lock --expect-absent --value me     # take it if free
+    qkv cas lock --expect me --delete           # release it if still mine
+    qkv cas cfg --expect v1 --value v2"""
+    if (expect is None) == (not expect_absent):
+        raise click.UsageError("give exactly one of --expect OLD and --expect-absent")
+    if (value is None) == (not delete_):
+        raise click.UsageError("give exactly one of --value NEW and --delete")
+    expected = None if expect is None else _key(expect)
+    new = None if value is None else _key(value)
+
+    async def action(client: Client, key_bytes: bytes) -> int:
+        result = await client.cas(key_bytes, expected, new)
+        return 0 if result.swapped else _not_swapped(key, result, "not swapped")
+
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), key, action))
+
+
+class NegativeNumbersCommand(click.Command):
+    """A command whose arguments may be negative integers (``qkv incr k -5``).
+
+    Click takes any word starting with '-' for an option; this command
+    lets one that is a negative integer through as an argument (with
+    ``ignore_unknown_options``) and still refuses every other unknown
+    option, so a misspelt option never becomes a KEY."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("context_settings", {})["ignore_unknown_options"] = True
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: set[str] = set()
+        known: set[str] = set()
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                known.update(param.opts, param.secondary_opts)
+                if not (param.is_flag or param.count):
+                    takes_value.update(param.opts)
+        waiting_value = False
+        for arg in args:
+            if arg == "--":
+                break
+            if waiting_value:
+                waiting_value = False
+            elif arg.startswith("-") and len(arg) > 1 and not NEGATIVE_INTEGER.fullmatch(arg):
+                name = arg.partition("=")[0]
+                if name not in known:
+                    raise click.NoSuchOption(name, ctx=ctx)
+                waiting_value = name in takes_value and "=" not in arg
+        return super().parse_args(ctx, args)
+
+
+NEGATIVE_INTEGER = re.compile(r"-[0-9]+")
+
+
+@cli.command(cls=NegativeNumbersCommand)
+@click.argument("key")
+@click.argument("by", type=click.IntRange(MIN_INT64, MAX_INT64), default=1, required=False)
+@nodes_option
+@timeout_option
+@with_tls_options
+def incr(key: str, by: int, nodes: str, timeout: float, **tls: Path | None) -> None:
+    """Add BY (default 1; may be negative or zero) to the integer KEY holds,
+    and print the new value in decimal.
+
+    A key not found counts as 0. Exit 1 (not_integer), with nothing
+    changed, if KEY holds anything but a canonical signed 64-bit decimal
+    (0, or an optional '-' then 1-9 then digits) or the sum would leave
+    that range. Retried on another node with the same request id, so a
+    retry never adds twice.
+
+    \b
+    qkv incr visits          # 1, 2, 3, ...
+    qkv incr stock -5"""
+
+    async def action(client: Client, key_bytes: bytes) -> int:
+        try:
+            result = await client.incr(key_bytes, by)
+        except NotInteger as exc:
+            click.echo(f"qkv: not_integer: key {key!r}: {exc.message}", err=True)
+            return EXIT_NOT_DONE
+        click.echo(str(result.value))
+        return 0
+
+    sys.exit(_run_client(nodes, timeout, _client_tls(**tls), key, action))
 
 
 @cli.command()
