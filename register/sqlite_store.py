@@ -12,18 +12,29 @@ back as something else.
 
 * ``meta``: at most one row (``id = 1``): ``schema_version``, ``node_id``,
   ``ready``, ``counter_reserved``, ``created_at`` (wall clock of the first
-  meta write). A new database has no row until the first batch carrying a
-  ``Meta`` (``load`` then returns ``meta=None``, as ``MemoryStore`` does).
+  meta write), ``promise_reserved``. A new database has no row until the
+  first batch carrying a ``Meta`` (``load`` then returns ``meta=None``, as
+  ``MemoryStore`` does).
 Pages are 1 KiB (databases created since; an older file keeps its size).
 
 * ``registers(key BLOB PRIMARY KEY, counter, writer, value) WITHOUT ROWID``:
   one row per key, the tag split in two columns; ``value`` NULL is a
   tombstone. ``WITHOUT ROWID`` keeps a row in the key's b-tree, one b-tree
   per upsert instead of two.
-* ``rids(rid BLOB PRIMARY KEY, request, counter, writer, at) WITHOUT ROWID``:
-  the remembered request ids; ``load`` returns them oldest ``at`` first, the
-  order ``rids.RidTable`` expects. No index on ``at``: it is only sorted once,
-  at start, and an index would cost on every write.
+* ``rids(rid BLOB PRIMARY KEY, request, counter, writer, at, result)
+  WITHOUT ROWID``: the remembered request ids; ``result`` is an incr's
+  result (NULL for any other write). ``load`` returns them oldest ``at``
+  first, the order ``rids.RidTable`` expects. No index on ``at``: it is only
+  sorted once, at start, and an index would cost on every write.
+
+Schema versions: 1 had neither ``meta.promise_reserved`` nor
+``rids.result``; 2 adds them as the last columns. A version-1 database is
+migrated when opened (``_MIGRATE_1_TO_2``: one transaction, then an fsync of
+the WAL), so a migrated file has the same columns, in the same order, as a
+new one; the added ``promise_reserved`` has ``DEFAULT 0`` (SQLite adds a
+``NOT NULL`` column only with a default), which no write relies on: the
+statements that write ``meta`` and ``rids`` name every column. A newer
+version is refused.
 
 What is fsynced when
 --------------------
@@ -95,7 +106,7 @@ log = logging.getLogger("qkv.storage")
 
 DB_NAME = "qkv.sqlite3"
 APPLICATION_ID = 0x716B7600  # b"qkv\0" as a big-endian int32
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHECKPOINT_PAGES = 4000
 _PAGE_SIZE = 1024
 #: frames preallocated in the WAL beyond the checkpoint threshold (the
@@ -109,7 +120,8 @@ _SCHEMA = (
         node_id TEXT NOT NULL,
         ready INTEGER NOT NULL,
         counter_reserved INTEGER NOT NULL,
-        created_at REAL NOT NULL
+        created_at REAL NOT NULL,
+        promise_reserved INTEGER NOT NULL
     ) STRICT""",
     """CREATE TABLE registers (
         key BLOB PRIMARY KEY,
@@ -122,12 +134,24 @@ _SCHEMA = (
         request BLOB NOT NULL,
         counter INTEGER NOT NULL,
         writer TEXT NOT NULL,
-        at REAL NOT NULL
+        at REAL NOT NULL,
+        result INTEGER
     ) WITHOUT ROWID, STRICT""",
     # Written last, in the same transaction: a database that has these has
     # the whole schema.
     f"PRAGMA application_id = {APPLICATION_ID}",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+# Version 1 to 2, in one transaction (ALTER TABLE and user_version both roll
+# back with it). New columns go last, where the version-2 schema has them.
+# ``meta.schema_version`` is raised too: ``_setup`` checks it, and the meta
+# upsert never rewrites it.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE meta ADD COLUMN promise_reserved INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE rids ADD COLUMN result INTEGER",
+    "UPDATE meta SET schema_version = 2",
+    "PRAGMA user_version = 2",
 )
 
 # An upsert updates the row in place where REPLACE deletes it and inserts it
@@ -136,12 +160,17 @@ _SCHEMA = (
 _PUT_REGISTER = """INSERT INTO registers VALUES (?, ?, ?, ?)
     ON CONFLICT (key) DO UPDATE SET
         counter = excluded.counter, writer = excluded.writer, value = excluded.value"""
-_PUT_RID = "INSERT OR REPLACE INTO rids VALUES (?, ?, ?, ?, ?)"
+_PUT_RID = """INSERT OR REPLACE INTO rids (rid, request, counter, writer, at, result)
+    VALUES (?, ?, ?, ?, ?, ?)"""
 _DROP_RID = "DELETE FROM rids WHERE rid = ?"
 # created_at keeps the first write's time.
-_PUT_META = """INSERT INTO meta VALUES (1, ?, ?, ?, ?, ?)
+_PUT_META = """INSERT INTO meta
+        (id, schema_version, node_id, ready, counter_reserved, created_at, promise_reserved)
+    VALUES (1, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
-        ready = excluded.ready, counter_reserved = excluded.counter_reserved"""
+        ready = excluded.ready,
+        counter_reserved = excluded.counter_reserved,
+        promise_reserved = excluded.promise_reserved"""
 
 
 class SqliteStore:
@@ -210,7 +239,7 @@ class SqliteStore:
             if not fresh:
                 if app_id != APPLICATION_ID:
                     raise StorageError(f"{path} is not a qkv database")
-                if version != SCHEMA_VERSION:
+                if version not in (1, SCHEMA_VERSION):
                     raise StorageError(
                         f"{path} has unknown schema version {version}"
                         f" (this qkv reads version {SCHEMA_VERSION})"
@@ -255,10 +284,30 @@ class SqliteStore:
                     conn.execute(statement)
                 conn.execute("COMMIT")
                 _fsync_dir(self.data_dir)
+            migrated = version == 1
+            if migrated:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _MIGRATE_1_TO_2:
+                        conn.execute(statement)
+                    conn.execute("COMMIT")  # into the WAL; fsynced below
+                except BaseException:
+                    self._rollback()
+                    raise
             row = conn.execute("SELECT schema_version, node_id FROM meta").fetchone()
             self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             _preallocate_wal(self._wal, self._page_size)
             self._wal_fd = os.open(self._wal, os.O_RDONLY)
+            if migrated:
+                # Durable before the node writes (and acknowledges) anything
+                # under the new schema, like every other commit.
+                os.fdatasync(self._wal_fd)
+                log.info(
+                    "migrated %s from schema version 1 to %d",
+                    path,
+                    SCHEMA_VERSION,
+                    extra={"event": "storage_schema_migrated"},
+                )
         except sqlite3.Error as e:
             code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary code
             if code == sqlite3.SQLITE_BUSY:
@@ -279,7 +328,9 @@ class SqliteStore:
     def load(self) -> Snapshot:
         conn = self._conn
         try:
-            row = conn.execute("SELECT node_id, ready, counter_reserved FROM meta").fetchone()
+            row = conn.execute(
+                "SELECT node_id, ready, counter_reserved, promise_reserved FROM meta"
+            ).fetchone()
             entries = [
                 (Key(key), Versioned(Tag(counter, NodeId(writer)), value))
                 for key, counter, writer, value in conn.execute(
@@ -287,16 +338,18 @@ class SqliteStore:
                 )
             ]
             rids = [
-                RidRecord(rid=rid, request=request, tag=Tag(counter, NodeId(writer)), at=at)
-                for rid, request, counter, writer, at in conn.execute(
-                    "SELECT rid, request, counter, writer, at FROM rids ORDER BY at, rid"
+                RidRecord(rid=rid, request=request, tag=Tag(counter, NodeId(writer)), at=at, result=result)
+                for rid, request, counter, writer, at, result in conn.execute(
+                    "SELECT rid, request, counter, writer, at, result FROM rids ORDER BY at, rid"
                 )
             ]
         except sqlite3.Error as e:
             raise StorageError(f"cannot read {self.path}: {e}") from e
         meta = None
         if row is not None:
-            meta = Meta(node_id=NodeId(row[0]), ready=bool(row[1]), counter_reserved=row[2])
+            meta = Meta(
+                node_id=NodeId(row[0]), ready=bool(row[1]), counter_reserved=row[2], promise_reserved=row[3]
+            )
         return Snapshot(meta=meta, entries=entries, rids=rids)
 
     def apply(self, batch: Batch) -> None:
@@ -322,14 +375,21 @@ class SqliteStore:
                 if batch.rids:
                     conn.executemany(
                         _PUT_RID,
-                        [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at) for r in batch.rids],
+                        [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at, r.result) for r in batch.rids],
                     )
                 if batch.rids_dropped:
                     conn.executemany(_DROP_RID, [(rid,) for rid in batch.rids_dropped])
                 if meta is not None:
                     conn.execute(
                         _PUT_META,
-                        (SCHEMA_VERSION, meta.node_id, meta.ready, meta.counter_reserved, time.time()),
+                        (
+                            SCHEMA_VERSION,
+                            meta.node_id,
+                            meta.ready,
+                            meta.counter_reserved,
+                            time.time(),
+                            meta.promise_reserved,
+                        ),
                     )
                 conn.execute("COMMIT")  # into the WAL, not yet fsynced
             except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pathlib
 import sqlite3
@@ -15,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from register import sqlite_store
 from register.model import Key, NodeId, RidRecord, Tag, Versioned
-from register.sqlite_store import _CHECKPOINT_PAGES, DB_NAME, SqliteStore
+from register.sqlite_store import _CHECKPOINT_PAGES, APPLICATION_ID, DB_NAME, SCHEMA_VERSION, SqliteStore
 from register.store import Batch, MemoryStore, Meta, Snapshot, StorageError, Store
 
 NODE = NodeId("n1")
@@ -35,8 +37,8 @@ def v(counter: int, value: bytes | None, writer: str = "n1") -> Versioned:
     return Versioned(Tag(counter, NodeId(writer)), value)
 
 
-def rid(name: bytes, key: bytes, counter: int, at: float) -> RidRecord:
-    return RidRecord(rid=name, request=key, tag=Tag(counter, NODE), at=at)
+def rid(name: bytes, key: bytes, counter: int, at: float, result: int | None = None) -> RidRecord:
+    return RidRecord(rid=name, request=key, tag=Tag(counter, NODE), at=at, result=result)
 
 
 def contents(snap: Snapshot) -> tuple[dict[Key, Versioned], dict[bytes, RidRecord], Meta | None]:
@@ -101,6 +103,50 @@ def test_round_trip_and_reopen(data_dir: pathlib.Path) -> None:
     store.close()  # idempotent
     with SqliteStore.open(data_dir, NODE) as again:
         assert again.load() == first
+
+
+def test_promise_reserved_and_incr_results_round_trip(data_dir: pathlib.Path) -> None:
+    """Both are kept like counter_reserved and the rest of a rid record:
+    through apply, sync, close and reopen, at the ends of their range."""
+    with SqliteStore.open(data_dir, NODE) as store:
+        commit(
+            store,
+            Batch(
+                rids=[
+                    rid(b"incr", b"k", 1, 1.0, result=-(2**63)),
+                    rid(b"zero", b"k", 2, 2.0, result=0),
+                    rid(b"set", b"k", 3, 3.0),  # not an incr: no result
+                ],
+                meta=Meta(node_id=NODE, counter_reserved=7, promise_reserved=2**63 - 1),
+            ),
+        )
+        commit(
+            store,
+            Batch(
+                rids=[rid(b"zero", b"k", 2, 2.0, result=2**63 - 1)],
+                meta=Meta(node_id=NODE, ready=True, counter_reserved=8, promise_reserved=5),
+            ),
+        )
+    with SqliteStore.open(data_dir, NODE) as store:
+        snap = store.load()
+    assert snap.meta == Meta(node_id=NODE, ready=True, counter_reserved=8, promise_reserved=5)
+    assert {r.rid: r.result for r in snap.rids} == {b"incr": -(2**63), b"zero": 2**63 - 1, b"set": None}
+
+
+def test_an_incr_result_beyond_64_bits_is_a_storage_error(data_dir: pathlib.Path) -> None:
+    with SqliteStore.open(data_dir, NODE) as store:
+        with pytest.raises(StorageError):
+            commit(store, Batch(rids=[rid(b"r", b"k", 1, 1.0, result=2**63)]))
+        assert store.load().rids == []
+
+
+def test_memory_store_keeps_promise_reserved_and_incr_results() -> None:
+    store = MemoryStore()
+    meta = Meta(node_id=NODE, counter_reserved=3, promise_reserved=4)
+    commit(store, Batch(rids=[rid(b"r", b"k", 1, 1.0, result=-5)], meta=meta))
+    snap = store.load()
+    assert snap.meta == meta
+    assert [r.result for r in snap.rids] == [-5]
 
 
 def test_rids_load_oldest_first(data_dir: pathlib.Path) -> None:
@@ -305,13 +351,183 @@ def test_other_sqlite_database_is_refused(data_dir: pathlib.Path) -> None:
         SqliteStore.open(data_dir, NODE)
 
 
-def test_unknown_schema_version_is_refused(data_dir: pathlib.Path) -> None:
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 99])
+def test_unknown_schema_version_is_refused(data_dir: pathlib.Path, version: int) -> None:
     SqliteStore.open(data_dir, NODE).close()
     conn = sqlite3.connect(data_dir / DB_NAME)
-    conn.execute("PRAGMA user_version = 99")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.close()
-    with pytest.raises(StorageError, match="unknown schema version 99"):
+    with pytest.raises(StorageError, match=f"unknown schema version {version}"):
         SqliteStore.open(data_dir, NODE)
+
+
+# --- schema version 1 (the previous release), migrated in place -----------------
+
+# The schema of version 1 exactly as that release created it: a copy, not
+# derived from the module, so that a change there cannot change the test.
+_V1_SCHEMA = (
+    """CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        schema_version INTEGER NOT NULL,
+        node_id TEXT NOT NULL,
+        ready INTEGER NOT NULL,
+        counter_reserved INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    ) STRICT""",
+    """CREATE TABLE registers (
+        key BLOB PRIMARY KEY,
+        counter INTEGER NOT NULL,
+        writer TEXT NOT NULL,
+        value BLOB
+    ) WITHOUT ROWID, STRICT""",
+    """CREATE TABLE rids (
+        rid BLOB PRIMARY KEY,
+        request BLOB NOT NULL,
+        counter INTEGER NOT NULL,
+        writer TEXT NOT NULL,
+        at REAL NOT NULL
+    ) WITHOUT ROWID, STRICT""",
+    "PRAGMA application_id = 1902867968",
+    "PRAGMA user_version = 1",
+)
+
+
+def make_v1_database(data_dir: pathlib.Path) -> None:
+    """A data dir as the previous release leaves it: one row in each table."""
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    try:
+        conn.execute("PRAGMA page_size = 1024")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN")
+        for statement in _V1_SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES (1, 1, 'n1', 1, 100000, 1700000000.5)")
+        conn.execute("INSERT INTO registers VALUES (x'6b', 5, 'n2', x'7631')")
+        conn.execute("INSERT INTO registers VALUES (x'64', 6, 'n1', NULL)")
+        conn.execute("INSERT INTO rids VALUES (x'72', x'00112233445566778899aabbccddeeff', 5, 'n2', 12.5)")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+V1_CONTENTS = (
+    {Key(b"k"): v(5, b"v1", "n2"), Key(b"d"): v(6, None)},
+    {
+        b"r": RidRecord(
+            rid=b"r",
+            request=bytes.fromhex("00112233445566778899aabbccddeeff"),
+            tag=Tag(5, NodeId("n2")),
+            at=12.5,
+        )
+    },
+    Meta(node_id=NODE, ready=True, counter_reserved=100000, promise_reserved=0),
+)
+
+
+def header(path: pathlib.Path) -> tuple[int, int, list[str], list[str]]:
+    """application_id, user_version and the column names of meta and rids."""
+    conn = sqlite3.connect(path)
+    try:
+        return (
+            conn.execute("PRAGMA application_id").fetchone()[0],
+            conn.execute("PRAGMA user_version").fetchone()[0],
+            [row[1] for row in conn.execute("PRAGMA table_info(meta)")],
+            [row[1] for row in conn.execute("PRAGMA table_info(rids)")],
+        )
+    finally:
+        conn.close()
+
+
+def test_a_version_1_database_is_migrated_in_place(
+    data_dir: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_v1_database(data_dir)
+    assert APPLICATION_ID == 1902867968 and header(data_dir / DB_NAME)[1] == 1
+    with caplog.at_level(logging.INFO, logger="qkv.storage"), SqliteStore.open(data_dir, NODE) as store:
+        snap = store.load()
+        assert contents(snap) == V1_CONTENTS
+        assert [r.result for r in snap.rids] == [None]
+    assert [r.getMessage() for r in caplog.records if r.name == "qkv.storage"] == [
+        f"migrated {data_dir / DB_NAME} from schema version 1 to 2"
+    ]
+    # Same columns, same order, as a database created at version 2.
+    SqliteStore.open(tmp_path / "new", NODE).close()
+    assert header(data_dir / DB_NAME) == header(tmp_path / "new" / DB_NAME)
+    assert header(data_dir / DB_NAME)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        assert conn.execute("SELECT schema_version FROM meta").fetchone()[0] == 2
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+def test_a_migrated_database_takes_the_new_fields_and_reopens_as_is(
+    data_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_v1_database(data_dir)
+    with SqliteStore.open(data_dir, NODE) as store:
+        commit(
+            store,
+            Batch(
+                rids=[rid(b"i", b"k", 7, 13.0, result=42)],
+                meta=Meta(node_id=NODE, ready=True, counter_reserved=200000, promise_reserved=9),
+            ),
+        )
+        migrated = store.load()
+    schema = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        sql = schema.execute("SELECT sql FROM sqlite_schema ORDER BY name").fetchall()
+    finally:
+        schema.close()
+    with caplog.at_level(logging.INFO, logger="qkv.storage"), SqliteStore.open(data_dir, NODE) as store:
+        assert store.load() == migrated  # nothing migrated twice, nothing lost
+    assert not [r for r in caplog.records if r.name == "qkv.storage"]
+    schema = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        assert schema.execute("SELECT sql FROM sqlite_schema ORDER BY name").fetchall() == sql
+    finally:
+        schema.close()
+    assert migrated.meta == Meta(node_id=NODE, ready=True, counter_reserved=200000, promise_reserved=9)
+    assert {r.rid: r.result for r in migrated.rids} == {b"r": None, b"i": 42}
+
+
+def test_the_migration_is_durable_before_open_returns(
+    data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_v1_database(data_dir)
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    SqliteStore.open(data_dir, NODE).close()
+    assert synced == [str(data_dir / (DB_NAME + "-wal"))]
+    synced.clear()
+    SqliteStore.open(data_dir, NODE).close()
+    assert synced == []  # a reopen migrates nothing
+
+
+def test_a_failed_migration_leaves_version_1_whole(
+    data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction: a failure after the first ALTER TABLE undoes it."""
+    make_v1_database(data_dir)
+    before = header(data_dir / DB_NAME)
+    steps = sqlite_store._MIGRATE_1_TO_2
+    monkeypatch.setattr(
+        sqlite_store, "_MIGRATE_1_TO_2", (*steps[:2], "SELECT no_such_function()", *steps[2:])
+    )
+    with pytest.raises(StorageError, match="no such function"):
+        SqliteStore.open(data_dir, NODE)
+    assert header(data_dir / DB_NAME) == before
+    monkeypatch.undo()
+    with SqliteStore.open(data_dir, NODE) as store:
+        assert contents(store.load()) == V1_CONTENTS
 
 
 def test_data_dir_of_another_node_is_refused(data_dir: pathlib.Path) -> None:
@@ -351,9 +567,14 @@ rid_records = st.builds(
     request=st.binary(min_size=16, max_size=16),
     tag=tags,
     at=st.floats(0, 2e9, allow_nan=False, allow_infinity=False),
+    result=st.none() | st.integers(-(2**63), 2**63 - 1),
 )
 metas = st.none() | st.builds(
-    Meta, node_id=st.just(NODE), ready=st.booleans(), counter_reserved=st.integers(0, 2**63 - 1)
+    Meta,
+    node_id=st.just(NODE),
+    ready=st.booleans(),
+    counter_reserved=st.integers(0, 2**63 - 1),
+    promise_reserved=st.integers(0, 2**63 - 1),
 )
 batches = st.builds(
     Batch,
