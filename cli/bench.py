@@ -6,6 +6,23 @@ With ``--rate`` the load is open loop: requests are due at fixed intervals
 and latency counts from the time a request was *due*, not sent, so a
 stalled server cannot hide its stall by slowing the load down (coordinated
 omission).
+
+Three workloads (``--workload``):
+
+``mixed`` (the default)
+    gets and sets of ``key...`` keys, ``--read-ratio`` of them gets.
+``incr``
+    ``incr`` by 1 of ``counter...`` keys: a counter per key.
+``cas``
+    read-free compare-and-set loops on ``cas...`` keys: each cas expects
+    the value the last reply about that key showed (absent at first) and
+    writes a new distinct value; one that did not swap needs no get, as
+    its reply carries the current value for the next attempt. Few keys
+    (``--keys 10``) make the loops contend, and the report shows how
+    many did not swap; many keys (the default 5000) measure cas alone.
+
+Each workload has keys of its own, so that, say, an ``incr`` run after a
+``mixed`` one does not meet values that are not integers.
 """
 
 from __future__ import annotations
@@ -35,12 +52,17 @@ from cli.histogram import Histogram
 from net.address import Address
 from net.client import Connection, open_connection
 from net.errors import PeerUnavailable, QkvError
-from net.messages import Get, GetReply, Set, WriteReply
+from net.messages import Cas, CasReply, Get, GetReply, Incr, IncrReply, Set, WriteReply
 from register.model import Key
+
+#: the workloads and the prefix of each one's keys
+KINDS = {"mixed": "key", "incr": "counter", "cas": "cas"}
 
 
 @attrs.frozen(kw_only=True)
 class Workload:
+    #: one of ``KINDS``
+    kind: str = "mixed"
     clients: int = 16
     pipeline: int = 4
     duration: float = 10.0
@@ -54,8 +76,8 @@ class Workload:
 
 
 class KeyChooser:
-    def __init__(self, count: int, distribution: str, rng: random.Random) -> None:
-        self.keys = [Key(f"key{i:08d}".encode()) for i in range(count)]
+    def __init__(self, count: int, distribution: str, rng: random.Random, prefix: str = "key") -> None:
+        self.keys = [Key(f"{prefix}{i:08d}".encode()) for i in range(count)]
         self.rng = rng
         self.cdf: list[float] | None = None
         if distribution == "zipfian":
@@ -72,7 +94,10 @@ class KeyChooser:
 class Stats:
     histogram: Histogram = attrs.field(factory=Histogram)
     reads: int = 0
+    #: sets, incrs or cas requests answered
     writes: int = 0
+    #: of the cas requests, those that swapped
+    swapped: int = 0
     errors: Counter[str] = attrs.field(factory=Counter)
 
 
@@ -90,10 +115,38 @@ async def run_load(
     servers) is read when the measured window opens, every
     ``RSS_SAMPLE_INTERVAL`` seconds in it, and when it closes."""
     rng = random.Random(1)
-    chooser = KeyChooser(work.keys, work.distribution, rng)
-    value = os.urandom(work.value_size)
     stats = Stats()
     recording = False
+    chooser = KeyChooser(work.keys, work.distribution, rng, KINDS[work.kind])
+    value = os.urandom(work.value_size)
+    #: cas: what the last reply showed each key to hold
+    known: dict[Key, bytes | None] = {}
+    serial = itertools.count()
+
+    def fresh_value() -> bytes:
+        # Distinct values, so that a cas never mistakes a newer write for
+        # the one it expects: at least the 8 bytes of a counter.
+        return value[: max(0, work.value_size - 8)] + next(serial).to_bytes(8, "big")
+
+    async def send(conn: Connection, key: Key) -> bool:
+        """One request of the workload; True if it was a get."""
+        if work.kind == "incr":
+            await conn.request(Incr(id=0, key=key, by=1), IncrReply)
+            return False
+        if work.kind == "cas":
+            reply = await conn.request(
+                Cas(id=0, key=key, expect=known.get(key), value=fresh_value()), CasReply
+            )
+            known[key] = reply.value
+            if recording and reply.swapped:
+                stats.swapped += 1
+            return False
+        if rng.random() < work.read_ratio:
+            await conn.request(Get(id=0, key=key), GetReply)
+            return True
+        await conn.request(Set(id=0, key=key, value=value), WriteReply)
+        return False
+
     done = trio.Event()
     issued = 0
     started = 0.0
@@ -102,13 +155,9 @@ async def run_load(
     async def one(conn: Connection, due: float) -> None:
         nonlocal issued
         issued += 1
-        read = rng.random() < work.read_ratio
         key = chooser.next()
         try:
-            if read:
-                await conn.request(Get(id=0, key=key), GetReply)
-            else:
-                await conn.request(Set(id=0, key=key, value=value), WriteReply)
+            read = await send(conn, key)
         except QkvError as exc:
             if recording:
                 stats.errors[exc.code] += 1
@@ -223,7 +272,8 @@ async def run_load(
         raise PeerUnavailable("every connection to the cluster was lost")
     h = stats.histogram
     ops = stats.reads + stats.writes
-    return {
+    report: dict[str, Any] = {
+        "workload": work.kind,
         "ops": ops,
         "reads": stats.reads,
         "writes": stats.writes,
@@ -236,7 +286,12 @@ async def run_load(
         | {"max": h.max / 1000},
         "errors": dict(stats.errors),
         "issued": issued,
-    } | ({"rss_kib": [{"at_s": at, "servers": kib} for at, kib in rss_samples]} if sample_rss else {})
+    }
+    if work.kind == "cas":
+        report |= {"swapped": stats.swapped, "not_swapped": stats.writes - stats.swapped}
+    if sample_rss:
+        report["rss_kib"] = [{"at_s": at, "servers": kib} for at, kib in rss_samples]
+    return report
 
 
 async def _hold_connection(address: Address, *, task_status: trio.TaskStatus[Connection]) -> None:
@@ -373,11 +428,23 @@ def format_report(report: dict[str, Any], work: Workload) -> str:
         if work.rate
         else f"{work.clients} clients x {work.pipeline} in flight"
     )
+    keys = f"{work.keys} keys ({work.distribution})"
+    if work.kind == "incr":
+        what, counts = "incr by 1", f"{report['writes']:,} incrs"
+    elif work.kind == "cas":
+        what = f"read-free cas loops, {max(work.value_size, 8)} B values"
+        tried = report["writes"]
+        conflicts = f" ({report['not_swapped'] / tried:.1%})" if tried else ""
+        counts = (
+            f"{tried:,} cas: {report['swapped']:,} swapped, {report['not_swapped']:,} not swapped{conflicts}"
+        )
+    else:
+        what = f"{work.value_size} B values, {work.read_ratio:.0%} reads"
+        counts = f"{report['reads']:,} gets, {report['writes']:,} sets"
     lines = [
-        f"workload: {mode}, {work.keys} keys ({work.distribution}), {work.value_size} B values, "
-        f"{work.read_ratio:.0%} reads",
+        f"workload: {mode}, {keys}, {what}",
         f"throughput: {report['ops_per_s']:,.0f} ops/s ({report['ops']:,} ops in {report['seconds']} s: "
-        f"{report['reads']:,} gets, {report['writes']:,} sets)",
+        f"{counts})",
         "latency ms: " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()),
         f"errors: {report['errors'] or 'none'}",
     ]

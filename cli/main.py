@@ -611,6 +611,15 @@ def cluster(
     default=None,
     help="Stop after this many measured requests instead of --duration.",
 )
+@click.option(
+    "--workload",
+    "kind",
+    type=click.Choice(["mixed", "incr", "cas"]),
+    default="mixed",
+    show_default=True,
+    help="mixed: gets and sets (see --read-ratio); incr: incr by 1; cas: read-free cas loops, "
+    "each expecting what the last reply showed (few --keys: contended).",
+)
 @click.option("--keys", type=click.IntRange(min=1), default=5000, show_default=True, help="Key space.")
 @click.option(
     "--distribution",
@@ -620,14 +629,18 @@ def cluster(
     help="How keys are drawn.",
 )
 @click.option(
-    "--value-size", type=click.IntRange(min=0), default=100, show_default=True, help="Bytes per value."
+    "--value-size",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Bytes per value of a set or cas (a cas value has at least 8).",
 )
 @click.option(
     "--read-ratio",
     type=click.FloatRange(0, 1),
     default=0.5,
     show_default=True,
-    help="Share of gets among requests.",
+    help="Share of gets among requests (the mixed workload).",
 )
 @click.option(
     "--rate",
@@ -651,6 +664,7 @@ def bench(
     pipeline: int,
     duration: float,
     requests: int | None,
+    kind: str,
     keys: int,
     distribution: str,
     value_size: int,
@@ -659,12 +673,23 @@ def bench(
     warmup: float,
     as_json: bool,
 ) -> None:
-    """Measure throughput and latency percentiles of a cluster."""
+    """Measure throughput and latency percentiles of a cluster.
+
+    \b
+    --workload mixed: gets and sets, --read-ratio of them gets.
+    --workload incr:  incr by 1 of a counter per key.
+    --workload cas:   compare-and-set loops without reads: each cas expects
+                      the value the last reply showed for its key (absent at
+                      first) and writes a new one; the report counts those
+                      that did not swap. Few --keys (say 10) make the loops
+                      contend; the default 5000 measures cas alone.
+    Each workload has keys of its own."""
     from cli.bench import BenchError, Workload, emit, run_bench
 
     if (nodes is None) == (local is None):
         raise click.UsageError("give either --nodes (or QKV_NODES) or --local N")
     work = Workload(
+        kind=kind,
         clients=clients,
         pipeline=pipeline,
         duration=duration,
