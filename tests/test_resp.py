@@ -2,7 +2,8 @@
 client against an in-process 3-node cluster, raw bytes (bad input, slow
 readers, the connection cap), the real ``redis-cli`` and
 ``redis-benchmark``, and the ``--resp-listen`` flags of the command line.
-The parser alone is in ``test_resp_parser.py``.
+The parser alone is in ``test_resp_parser.py``, the atomic commands (``SET
+... NX/XX/GET``, ``INCR`` and the like) in ``test_resp_atomic.py``.
 
 redis-py's client is blocking: each scenario runs in a worker thread
 (``trio.to_thread.run_sync``) while the cluster runs on the test's trio loop.
@@ -341,11 +342,20 @@ async def test_errors_for_unsupported_commands_and_options_keep_the_connection(
                 r.execute_command("HSET", "h", "f", "v")
             with pytest.raises(redis.ResponseError, match="unknown command"):
                 r.execute_command("EXPIRE", "k", "10")
-            for option in (["EX", "10"], ["PX", "10"], ["NX"], ["XX"], ["KEEPTTL"], ["GET"]):
-                with pytest.raises(redis.ResponseError, match=f"SET option '{option[0]}' is not supported"):
+            for name, option in [
+                ("EX", ["EX", "10"]),
+                ("PX", ["PX", "10"]),
+                ("EXAT", ["EXAT", "1"]),
+                ("PXAT", ["PXAT", "1"]),
+                ("KEEPTTL", ["KEEPTTL"]),
+                ("EX", ["NX", "EX", "1"]),
+            ]:
+                unsupported = f"SET option '{name}' is not supported by qkv [(]no TTLs yet[)]"
+                with pytest.raises(redis.ResponseError, match=unsupported):
                     r.execute_command("SET", "k", "v", *option)
-            with pytest.raises(redis.ResponseError, match="syntax error"):
-                r.execute_command("SET", "k", "v", "BOGUS")
+            for options in (["BOGUS"], ["NX", "XX"], ["XX", "GET", "NX"]):
+                with pytest.raises(redis.ResponseError, match="syntax error"):
+                    r.execute_command("SET", "k", "v", *options)
             with pytest.raises(redis.ResponseError, match="wrong number of arguments for 'get' command"):
                 r.execute_command("GET")
             with pytest.raises(redis.ResponseError, match="wrong number of arguments for 'mset' command"):

@@ -13,10 +13,11 @@ The modules, one concept each, in the order a command meets them:
 - ``listener``: ``serve_resp``, the connection cap, and the session of each
   connection (reader, one task per command with quorum work, per-key order);
 - ``table``: the command table, dispatch, and ``COMMAND``;
-- ``strings``, ``keys``, ``connection``, ``server_info``: the commands, by
-  family, as Redis groups them;
-- ``native``: the native requests the commands are made of, and the RESP
-  error each native error becomes;
+- ``strings``, ``counters``, ``keys``, ``connection``, ``server_info``: the
+  commands, by family;
+- ``native``: the native requests the commands are made of (``get``,
+  ``set``, ``delete``, ``cas``, ``incr``, and the atomic read-then-cas loop
+  ``swap``), and the RESP error each native error becomes;
 - ``context``: what a command works with (the node, the connection's state,
   ``Job``);
 - ``replies`` and ``reply_queue``: reply encoding, and the queue that sends

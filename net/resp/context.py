@@ -69,6 +69,9 @@ class _ConfigView(Protocol):
     @property
     def max_connections(self) -> int: ...
 
+    @property
+    def request_timeout(self) -> float: ...
+
 
 class _ReplicaView(Protocol):
     @property

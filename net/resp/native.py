@@ -11,26 +11,76 @@ a time per call, under the connection's bound of quorum operations
   says so in its message: the write may or may not have taken effect;
 - keys and values are checked here, before any request is made, against
   the limits of the native protocol, so that a command with one bad
-  argument does nothing at all.
+  argument does nothing at all;
+- every ``cas`` and ``incr`` carries a fresh random request id (``rid``)
+  of its own: the node's internal retries of that request then apply it at
+  most once, and no two requests share a rid (the node refuses a rid
+  reused with other arguments);
+- ``swap``, the read-then-cas loop behind ``SET ... XX/GET``, ``GETSET``
+  and ``GETDEL``, changes the key at most once: it sends a new
+  ``cas`` only after the previous one answered ``swapped: false`` (which
+  wrote nothing), and stops at the first swap, the first error, or once
+  it has tried for longer than the node's request deadline.
+
+Why ``swap`` is linearizable: its answer is either a ``cas`` that swapped,
+which took effect at one instant while the key held exactly the value
+``swap`` reports as replaced; or a decision to leave the key alone, taken
+on a value that a linearizable read (a ``get``, or a ``cas`` answered
+``swapped: false``, which describes the key as a ``get`` would) saw at one
+instant, where the command is then a read.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
-from net.messages import Delete, ErrorReply, Get, GetReply, Reply, Request, Set, WriteReply
+from net.messages import (
+    Cas,
+    CasReply,
+    Delete,
+    ErrorReply,
+    Get,
+    GetReply,
+    Incr,
+    IncrReply,
+    Reply,
+    Request,
+    Set,
+    WriteReply,
+)
 from net.resp.context import MAX_KEY, Client, CommandError
 from net.resp.replies import encode_error
 from register.model import Key
 
-__all__ = ["MULTI_WIDTH", "each", "error_from", "get", "handle", "keys", "value_error", "write"]
+__all__ = [
+    "KEEP",
+    "Change",
+    "MULTI_WIDTH",
+    "RID_BYTES",
+    "Keep",
+    "cas",
+    "delete_if_found",
+    "each",
+    "error_from",
+    "get",
+    "handle",
+    "incr",
+    "keys",
+    "swap",
+    "value_error",
+    "write",
+]
 
 #: keys one multi-key command works on at once (each still takes a slot
 #: of the connection's ``max_inflight`` quorum operations)
 MULTI_WIDTH: Final = 32
+#: bytes of a request id (the protocol takes 8 to 64)
+RID_BYTES: Final = 16
 
 _ERROR_CODES: Final = {
     "bad_request": "ERR",
@@ -78,6 +128,91 @@ async def write(client: Client, key: Key, value: bytes | None) -> None:
     if isinstance(reply, ErrorReply):
         raise CommandError(error_from(reply, write=True))
     raise _unexpected(reply)
+
+
+async def cas(client: Client, key: Key, expect: bytes | None, value: bytes | None) -> CasReply:
+    """If the key holds ``expect`` (``None``: not found), set it to
+    ``value`` (``None``: delete it), in one atomic step. Either way the
+    reply says what the key holds now."""
+    request = Cas(id=0, key=key, expect=expect, value=value, rid=secrets.token_bytes(RID_BYTES))
+    reply = await handle(client, request)
+    if isinstance(reply, CasReply):
+        return reply
+    if isinstance(reply, ErrorReply):
+        raise CommandError(error_from(reply, write=True))
+    raise _unexpected(reply)
+
+
+async def incr(client: Client, key: Key, by: int) -> int | None:
+    """Add ``by`` to the key's integer (not found counts as 0): the new
+    value, or ``None`` if the key holds no canonical signed 64-bit decimal
+    or the sum would leave that range (``not_integer``: nothing changed)."""
+    reply = await handle(client, Incr(id=0, key=key, by=by, rid=secrets.token_bytes(RID_BYTES)))
+    if isinstance(reply, IncrReply):
+        return reply.value
+    if isinstance(reply, ErrorReply):
+        if reply.error == "not_integer":
+            return None
+        raise CommandError(error_from(reply, write=True))
+    raise _unexpected(reply)
+
+
+class Keep:
+    """The type of ``KEEP``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: what a ``swap`` change returns to leave the key as it is
+KEEP: Final = Keep()
+#: given the key's current value (``None``: not found), its new value
+#: (``None``: delete it), or ``KEEP``
+Change: TypeAlias = Callable[[bytes | None], bytes | Keep | None]
+
+
+def delete_if_found(current: bytes | None) -> Keep | None:
+    """The ``swap`` change of ``GETDEL``: delete the key if it is found,
+    else leave it."""
+    return KEEP if current is None else None
+
+
+async def swap(
+    client: Client, key: Key, change: Change, *, guess_absent: bool = False
+) -> tuple[bytes | None, bool]:
+    """Replace the key's value ``current`` by ``change(current)`` in one
+    atomic step, unless that is ``KEEP``: ``(current, True)`` once a cas
+    swapped, ``(current, False)`` when the key was left as it was.
+
+    It starts from a ``get``; with ``guess_absent`` (when "not found" is the
+    likely state, as for "set if absent") it sends the first cas at once,
+    expecting the key not found, and so saves a round when the guess is
+    right. Each cas that does not swap says what the key holds now, and the
+    next one expects that. Other clients that keep changing the key can
+    beat every attempt: after the request deadline of tries (each failed
+    one meaning another client's write went through, so the cluster makes
+    progress) it gives up with ``TRYAGAIN``, having changed nothing."""
+    # A decision to leave the key alone must rest on a read, never on the guess.
+    guess = guess_absent and not isinstance(change(None), Keep)
+    current = None if guess else await get(client, key)
+    deadline = time.monotonic() + client.node.config.request_timeout
+    while True:
+        value = change(current)
+        if isinstance(value, Keep):
+            return current, False
+        reply = await cas(client, key, current, value)
+        if reply.swapped:
+            return current, True
+        current = reply.value if reply.found else None
+        if time.monotonic() > deadline:
+            raise CommandError(
+                encode_error(
+                    "TRYAGAIN other clients kept changing the key for the whole request deadline: "
+                    "nothing was done"
+                )
+            )
 
 
 async def each(keys: Sequence[Key], work: Callable[[Key], Awaitable[None]]) -> None:

@@ -1,10 +1,16 @@
-"""The string commands: ``GET``, ``SET``, ``MGET``, ``MSET``.
+"""The string commands: ``GET``, ``SET`` (with ``NX``, ``XX``, ``GET``),
+``SETNX``, ``GETSET``, ``GETDEL``, ``MGET``, ``MSET``.
 
 Each key is one register of the native protocol: ``GET`` is a quorum read,
-``SET`` a quorum write. Invariants:
+a plain ``SET`` a quorum write, and every command that sets a key on a
+condition or returns the value it replaces is one atomic step made of
+``cas`` (``native.swap``). Invariants:
 
 - arguments (keys, values, options) are all checked before any request is
   made: a command refused for one argument writes nothing;
+- a conditional or value-returning write changes the key at most once, and
+  the old value it returns is exactly the one it replaced (atomic, as in
+  Redis: no other write comes between the read and the write);
 - ``MGET`` and ``MSET`` run one request per distinct key, concurrently
   (``native.each``); they are not one transaction (docs/resp.md);
 - the values of one ``MGET`` reply stay within ``max_frame`` bytes, as a
@@ -15,23 +21,18 @@ from __future__ import annotations
 
 from typing import Final
 
+import attrs
+
 from net.resp import native
 from net.resp.context import Client, CommandError, Job
-from net.resp.replies import OK, encode_array, encode_bulk, encode_error, show, wrong_arity
+from net.resp.replies import OK, encode_array, encode_bulk, encode_error, encode_integer, show, wrong_arity
 from register.model import Key
 
-__all__ = ["get", "mget", "mset", "set_"]
+__all__ = ["get", "getdel", "getset", "mget", "mset", "set_", "setnx"]
 
-_UNSUPPORTED_SET_OPTIONS: Final = {
-    b"ex": "no TTLs yet",
-    b"px": "no TTLs yet",
-    b"exat": "no TTLs yet",
-    b"pxat": "no TTLs yet",
-    b"keepttl": "no TTLs yet",
-    b"nx": "no conditional writes yet",
-    b"xx": "no conditional writes yet",
-    b"get": "no GET option yet",
-}
+#: SET options qkv refuses until it has TTLs (each is then an error, and
+#: nothing is written)
+_TTL_OPTIONS: Final = frozenset({b"ex", b"px", b"exat", b"pxat", b"keepttl"})
 
 
 def get(client: Client, args: list[bytes]) -> bytes | Job:
@@ -47,22 +48,122 @@ def get(client: Client, args: list[bytes]) -> bytes | Job:
     return Job(keys, run)
 
 
+@attrs.frozen
+class _SetOptions:
+    #: NX: only if the key is not found
+    if_absent: bool = False
+    #: XX: only if the key is found
+    if_present: bool = False
+    #: GET: reply with the value replaced (nil: none) rather than OK
+    get: bool = False
+
+
+def _set_options(options: list[bytes]) -> _SetOptions | bytes:
+    """The options of SET, read in order as Redis reads them: ``NX`` and
+    ``XX`` together are a syntax error, as is any unknown word; a TTL
+    option is refused as soon as it is met."""
+    nx = xx = get = False
+    for option in options:
+        word = option.lower()
+        if word == b"nx" and not xx:
+            nx = True
+        elif word == b"xx" and not nx:
+            xx = True
+        elif word == b"get":
+            get = True
+        elif word in _TTL_OPTIONS:
+            return encode_error(
+                f"ERR SET option '{show(option).upper()}' is not supported by qkv (no TTLs yet)"
+            )
+        else:
+            return encode_error("ERR syntax error")
+    return _SetOptions(nx, xx, get)
+
+
+def _new_value(value: bytes, options: _SetOptions) -> native.Change:
+    def change(current: bytes | None) -> bytes | native.Keep:
+        if (options.if_absent and current is not None) or (options.if_present and current is None):
+            return native.KEEP
+        return value
+
+    return change
+
+
+def _key_and_value(client: Client, args: list[bytes]) -> tuple[Key, bytes] | bytes:
+    keys = native.keys(args[1:2])
+    if isinstance(keys, bytes):
+        return keys
+    if (error := native.value_error(client, args[2])) is not None:
+        return error
+    return keys[0], args[2]
+
+
 def set_(client: Client, args: list[bytes]) -> bytes | Job:
     keys = native.keys(args[1:2])
     if isinstance(keys, bytes):
         return keys
-    for option in args[3:]:
-        why = _UNSUPPORTED_SET_OPTIONS.get(option.lower())
-        if why is None:
-            return encode_error("ERR syntax error")
-        return encode_error(f"ERR SET option '{show(option).upper()}' is not supported by qkv ({why})")
-    value = args[2]
+    options = _set_options(args[3:])
+    if isinstance(options, bytes):
+        return options
+    key, value = keys[0], args[2]
     if (error := native.value_error(client, value)) is not None:
         return error
+    nil = client.nil()
+
+    async def plain() -> bytes:
+        await native.write(client, key, value)
+        return OK
+
+    async def atomic() -> bytes:
+        # NX guesses the key is absent: one cas when it is.
+        old, swapped = await native.swap(
+            client, key, _new_value(value, options), guess_absent=options.if_absent
+        )
+        if options.get:
+            return nil if old is None else encode_bulk(old)
+        return OK if swapped else nil
+
+    return Job([key], atomic if options != _SetOptions() else plain)
+
+
+def setnx(client: Client, args: list[bytes]) -> bytes | Job:
+    checked = _key_and_value(client, args)
+    if isinstance(checked, bytes):
+        return checked
+    key, value = checked
 
     async def run() -> bytes:
-        await native.write(client, keys[0], value)
-        return OK
+        _, swapped = await native.swap(
+            client, key, _new_value(value, _SetOptions(if_absent=True)), guess_absent=True
+        )
+        return encode_integer(1 if swapped else 0)
+
+    return Job([key], run)
+
+
+def getset(client: Client, args: list[bytes]) -> bytes | Job:
+    checked = _key_and_value(client, args)
+    if isinstance(checked, bytes):
+        return checked
+    key, value = checked
+    nil = client.nil()
+
+    async def run() -> bytes:
+        old, _ = await native.swap(client, key, lambda current: value)
+        return nil if old is None else encode_bulk(old)
+
+    return Job([key], run)
+
+
+def getdel(client: Client, args: list[bytes]) -> bytes | Job:
+    keys = native.keys(args[1:])
+    if isinstance(keys, bytes):
+        return keys
+    nil = client.nil()
+
+    async def run() -> bytes:
+        old, _ = await native.swap(client, keys[0], native.delete_if_found)
+        return nil if old is None else encode_bulk(old)
 
     return Job(keys, run)
 

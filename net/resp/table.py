@@ -19,7 +19,7 @@ from typing import Final
 
 import attrs
 
-from net.resp import connection, keys, server_info, strings
+from net.resp import connection, counters, keys, server_info, strings
 from net.resp.context import Client, Handler, Job
 from net.resp.replies import (
     EMPTY_ARRAY,
@@ -65,6 +65,7 @@ def command(client: Client, args: list[bytes]) -> bytes:
 
 _READ: Final = ("readonly", "fast")
 _WRITE: Final = ("write", "denyoom")
+_WRITE_FAST: Final = ("write", "denyoom", "fast")
 
 COMMANDS: Final[dict[str, Command]] = {
     "get": Command(2, _READ, 1, 1, 1, strings.get),
@@ -73,6 +74,13 @@ COMMANDS: Final[dict[str, Command]] = {
     "exists": Command(-2, _READ, 1, -1, 1, keys.exists),
     "mget": Command(-2, _READ, 1, -1, 1, strings.mget),
     "mset": Command(-3, _WRITE, 1, -1, 2, strings.mset),
+    "setnx": Command(3, _WRITE_FAST, 1, 1, 1, strings.setnx),
+    "getset": Command(3, _WRITE_FAST, 1, 1, 1, strings.getset),
+    "getdel": Command(2, ("write", "fast"), 1, 1, 1, strings.getdel),
+    "incr": Command(2, _WRITE_FAST, 1, 1, 1, counters.incr),
+    "decr": Command(2, _WRITE_FAST, 1, 1, 1, counters.decr),
+    "incrby": Command(3, _WRITE_FAST, 1, 1, 1, counters.incrby),
+    "decrby": Command(3, _WRITE_FAST, 1, 1, 1, counters.decrby),
     "ping": Command(-1, ("fast", "stale"), 0, 0, 0, connection.ping),
     "echo": Command(2, ("fast", "stale"), 0, 0, 0, connection.echo),
     "quit": Command(-1, ("fast", "stale"), 0, 0, 0, connection.quit_),
