@@ -36,10 +36,12 @@ from net.messages import (
     GetReply,
     Incr,
     IncrReply,
+    Nack,
     PeerHello,
     PeerMessage,
     Ping,
     PingReply,
+    Prepare,
     Query,
     QueryReply,
     Refused,
@@ -53,7 +55,7 @@ from net.messages import (
     SyncPage,
     WriteReply,
 )
-from register.model import Key, NodeId, Tag, Versioned
+from register.model import Key, NodeId, RidNote, Tag, Versioned
 
 __all__ = [
     "Limits",
@@ -420,19 +422,31 @@ def decode_peer_message(raw: list[Any]) -> PeerMessage:
 # calls, on every reply of every read.
 
 
+def _note(n: RidNote | None) -> list[Any] | None:
+    return None if n is None else [n.rid, n.request, n.tag, n.result]
+
+
 def _encode_query_reply(m: QueryReply) -> list[Any]:
-    version, seen = m.version, m.rid_seen
-    if version is None:
-        return ["qr", m.req, None, None, *(seen or (None, None))]
-    return ["qr", m.req, version.tag, version.value, *(seen or (None, None))]
+    version, seen, lineage = m.version, m.rid_seen, m.lineage
+    return [
+        "qr",
+        m.req,
+        None if version is None else version.tag,
+        None if version is None else version.value,
+        None if seen is None else [seen.rid, seen.request, seen.tag, seen.result],
+        m.promise,
+        [[n.rid, n.request, n.tag, n.result] for n in lineage] if lineage else None,
+    ]
 
 
 _PEER_ENCODERS: Final[dict[type, Callable[[Any], list[Any]]]] = {
     # A Tag is a named tuple: msgpack packs it as [counter, writer] as is.
     Query: lambda m: ["q", m.req, m.key, m.rid],
     QueryReply: _encode_query_reply,
-    Store: lambda m: ["s", m.req, m.key, m.tag, m.value, m.rid],
+    Prepare: lambda m: ["p", m.req, m.key, m.ballot, m.rid],
+    Store: lambda m: ["s", m.req, m.key, m.tag, m.value, [_note(n) for n in m.notes]],
     StoreAck: lambda m: ["sa", m.req],
+    Nack: lambda m: ["nk", m.req, m.above],
     Refused: lambda m: ["no", m.req, m.reason],
     SyncPage: lambda m: ["sp", m.req, m.session, m.after],
     SyncChunk: lambda m: ["sc", m.req, [[e.key, e.tag, e.value] for e in m.entries], m.next_after, m.fresh],
@@ -477,8 +491,19 @@ def _decode_query(m: Any) -> Query:
     return Query(req=req, key=Key(key), rid=rid)
 
 
+def _decode_note(n: Any) -> RidNote:
+    if type(n) is not list or len(n) != 4:
+        raise ValueError("a rid note is [rid, request, tag, result]")
+    rid, request, tag, result = n
+    if type(rid) is not bytes or type(request) is not bytes:
+        raise ValueError("a rid note's rid and request are bin")
+    if result is not None and (type(result) is not int or not MIN_INT64 <= result <= MAX_INT64):
+        raise ValueError("a rid note's result is a signed 64-bit integer or nil")
+    return RidNote(rid=rid, request=request, tag=_tag(tag), result=result)
+
+
 def _decode_query_reply(m: Any) -> QueryReply:
-    _, req, tag, value, rid_tag, rid_request = _fields(m, 6)
+    _, req, tag, value, seen, promise, lineage = _fields(m, 7)
     if value is not None and type(value) is not bytes:
         raise _bad_bin(value)
     if tag is None:
@@ -487,22 +512,42 @@ def _decode_query_reply(m: Any) -> QueryReply:
         version = None
     else:
         version = Versioned(_tag(tag), value)
-    if rid_tag is None and rid_request is None:
+    if lineage is not None and type(lineage) is not list:
+        raise ValueError("a lineage is an array of rid notes")
+    if seen is None and promise is None and lineage is None:
         return QueryReply(req=req, version=version)
-    if type(rid_request) is not bytes:
-        raise _bad_bin(rid_request)
-    return QueryReply(req=req, version=version, rid_seen=(_tag(rid_tag), rid_request))
+    return QueryReply(
+        req=req,
+        version=version,
+        rid_seen=None if seen is None else _decode_note(seen),
+        promise=None if promise is None else _tag(promise),
+        lineage=() if lineage is None else tuple(map(_decode_note, lineage)),
+    )
+
+
+def _decode_prepare(m: Any) -> Prepare:
+    _, req, key, ballot, rid = _fields(m, 5)
+    if type(key) is not bytes:
+        raise _bad_bin(key)
+    if rid is not None and type(rid) is not bytes:
+        raise _bad_bin(rid)
+    return Prepare(req=req, key=Key(key), ballot=_tag(ballot), rid=rid)
+
+
+def _decode_nack(m: Any) -> Nack:
+    _, req, above = _fields(m, 3)
+    return Nack(req=req, above=_tag(above))
 
 
 def _decode_store(m: Any) -> Store:
-    _, req, key, tag, value, rid = _fields(m, 6)
+    _, req, key, tag, value, notes = _fields(m, 6)
     if type(key) is not bytes:
         raise _bad_bin(key)
     if value is not None and type(value) is not bytes:
         raise _bad_bin(value)
-    if rid is not None and type(rid) is not bytes:
-        raise _bad_bin(rid)
-    return Store(req=req, key=Key(key), tag=_tag(tag), value=value, rid=rid)
+    if type(notes) is not list:
+        raise ValueError("notes must be an array")
+    return Store(req=req, key=Key(key), tag=_tag(tag), value=value, notes=tuple(map(_decode_note, notes)))
 
 
 def _decode_store_ack(m: Any) -> StoreAck:
@@ -550,8 +595,10 @@ def _decode_sync_chunk(m: Any) -> SyncChunk:
 _PEER_DECODERS: Final[dict[str, Callable[[Any], PeerMessage]]] = {
     "q": _decode_query,
     "qr": _decode_query_reply,
+    "p": _decode_prepare,
     "s": _decode_store,
     "sa": _decode_store_ack,
+    "nk": _decode_nack,
     "no": _decode_refused,
     "sp": _decode_sync_page,
     "sc": _decode_sync_chunk,

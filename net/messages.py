@@ -14,12 +14,13 @@ from typing import TypeAlias
 
 import attrs
 
-from register.model import Key, NodeId, Tag, Versioned
+from register.model import Key, NodeId, RidNote, Tag, Versioned
 
 PROTOCOL_VERSION = 1
 #: the node-to-node protocol spoken after ``peer_hello``; 2 since peer
-#: messages became positional arrays (version 1 sent maps)
-PEER_PROTOCOL_VERSION = 2
+#: messages became positional arrays (version 1 sent maps); 3 since cas
+#: and incr (prepare, refusals of stores, promises and rid notes)
+PEER_PROTOCOL_VERSION = 3
 
 # --- client requests -------------------------------------------------------
 
@@ -180,24 +181,51 @@ class Query:
 
 @attrs.frozen(kw_only=True)
 class QueryReply:
+    """The answer to a ``Query`` or, once promised, to a ``Prepare``."""
+
     req: int
     #: the node's version of the key; ``None``: never written there
     version: Versioned | None
-    #: what the node has on record for the query's rid: the tag that write
-    #: was stored under and its request fingerprint; ``None``: unknown rid
-    rid_seen: tuple[Tag, bytes] | None = None
+    #: what the node has on record for the query's rid; ``None``: unknown rid
+    rid_seen: RidNote | None = None
+    #: the node's promise for the key, when above the held tag
+    promise: Tag | None = None
+    #: the rid notes that came with the held version: the write that made
+    #: it, and those it built on (newest first)
+    lineage: tuple[RidNote, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Prepare:
+    """Phase 1 of a cas or incr: promise ``ballot`` for ``key`` and report
+    your version (a ``QueryReply``), or refuse (``Nack``)."""
+
+    req: int
+    key: Key
+    ballot: Tag
+    rid: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)
 class Store:
-    """Phase 2 of a write, or a read's write-back: adopt this version if it
-    is newer than yours, durably, then acknowledge."""
+    """Phase 2 of a write, a read's write-back, or a cas's accept: store this
+    version unless the acceptor rule refuses it, durably, then acknowledge."""
 
     req: int
     key: Key
     tag: Tag
     value: bytes | None
-    rid: bytes | None = None
+    #: rid notes that travel with the version
+    notes: tuple[RidNote, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Nack:
+    """A store or a prepare refused by the acceptor rule: a higher tag or
+    promise is held; the sender's next try goes above ``above``."""
+
+    req: int
+    above: Tag
 
 
 @attrs.frozen(kw_only=True)
@@ -241,6 +269,8 @@ class SyncChunk:
     fresh: bool = False
 
 
-PeerMessage: TypeAlias = Query | QueryReply | Store | StoreAck | Refused | SyncPage | SyncChunk
-PeerRequest: TypeAlias = Query | Store | SyncPage
-PeerResponse: TypeAlias = QueryReply | StoreAck | Refused | SyncChunk
+PeerMessage: TypeAlias = (
+    Query | QueryReply | Prepare | Store | StoreAck | Nack | Refused | SyncPage | SyncChunk
+)
+PeerRequest: TypeAlias = Query | Prepare | Store | SyncPage
+PeerResponse: TypeAlias = QueryReply | StoreAck | Nack | Refused | SyncChunk

@@ -22,18 +22,23 @@ later.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import random
+from collections import deque
 from collections.abc import Callable
 from typing import assert_never
 
 import trio
 
 from net.codec import encode_peer
-from net.errors import BadRequest, Internal, QkvError, Unavailable
-from net.messages import PeerRequest, PeerResponse, Query, QueryReply, Store, StoreAck
+from net.errors import BadRequest, Internal, NotInteger, QkvError, Unavailable
+from net.messages import Nack, PeerRequest, PeerResponse, Prepare, Query, QueryReply, Store, StoreAck
 from quorum.faults import FaultSwitches
 from quorum.peers import PeerLink
+from quorum.protocol import operation
+from quorum.protocol.acceptor import Verdict
 from quorum.protocol.operation import (
     PENDING,
     Done,
@@ -44,12 +49,13 @@ from quorum.protocol.operation import (
     Pending,
     QueryResult,
     Rejected,
+    SendPrepare,
     SendQuery,
     SendStore,
     Step,
 )
 from quorum.replica import Replica, Update
-from register.model import NodeId, Tag
+from register.model import Key, NodeId, Tag
 from register.store import StorageError
 
 __all__ = ["Coordinator", "Finish"]
@@ -58,7 +64,11 @@ log = logging.getLogger("qkv.coordinator")
 
 #: called exactly once with the operation's result or its error
 Finish = Callable[[Done | QkvError], None]
-Outcome = QueryResult | bool | None
+Outcome = QueryResult | operation.Nack | bool | None
+#: seconds: the first backoff after a refused round, and the largest
+BACKOFF_BASE = 0.001
+BACKOFF_MAX = 0.05
+_ATOMIC = (Kind.CAS, Kind.INCR)
 
 
 class _Run:
@@ -81,16 +91,20 @@ class _Run:
     def advance(self, step: Step) -> None:
         try:
             match step:
-                case SendQuery() | SendStore():
+                case SendQuery() | SendPrepare() | SendStore():
                     self._send(step)
-                case IssueTag(seen=seen):
-                    self.coordinator.replica.issue_tag(seen, self._tag_issued)
+                case IssueTag(attempt=attempt):
+                    if attempt:
+                        delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2**attempt))
+                        self.coordinator.later(delay, lambda: self._issue(step))
+                    else:
+                        self._issue(step)
                 case Done():
                     self.finish(step)
                 case Failed(reason=reason):
                     self.finish(Unavailable(reason))
-                case Rejected(reason=reason):
-                    self.finish(BadRequest(reason))
+                case Rejected(reason=reason, not_integer=not_integer):
+                    self.finish(NotInteger(reason) if not_integer else BadRequest(reason))
                 case Pending():
                     pass
                 case _:
@@ -102,6 +116,15 @@ class _Run:
         """Fail this request, not the node."""
         log.exception("operation on %r failed", self.op.key, extra={"event": "internal_error"})
         self.finish(Internal(f"{type(exc).__name__}: {exc}"))
+
+    def _issue(self, step: IssueTag) -> None:
+        if self.over:
+            return
+        replica = self.coordinator.replica
+        # Above what this node knows of the key, too: a ballot below its own
+        # promise or held tag would be refused by this very node.
+        seen = max(step.seen, replica.known(step.key))
+        replica.issue_tag(seen, self._tag_issued)
 
     def _tag_issued(self, tag: Tag | StorageError) -> None:
         if self.over:
@@ -116,16 +139,18 @@ class _Run:
             return
         self.advance(step)
 
-    def _send(self, send: SendQuery | SendStore) -> None:
+    def _send(self, send: SendQuery | SendPrepare | SendStore) -> None:
         coordinator = self.coordinator
         self._forget()
         self._req = req = next(coordinator.reqs)
         message: PeerRequest
         if isinstance(send, SendQuery):
             message = Query(req=req, key=send.key, rid=send.rid)
+        elif isinstance(send, SendPrepare):
+            message = Prepare(req=req, key=send.key, ballot=send.ballot, rid=send.rid)
         else:
             version = send.version
-            message = Store(req=req, key=send.key, tag=version.tag, value=version.value, rid=send.rid)
+            message = Store(req=req, key=send.key, tag=version.tag, value=version.value, notes=send.notes)
         encoded = encode_peer(message)
         sent = self._sent
         for link in coordinator.link_list:
@@ -138,9 +163,13 @@ class _Run:
 
     def peer_reply(self, node: NodeId, req: int, reply: PeerResponse | None) -> None:
         if isinstance(reply, QueryReply):
-            self.deliver(req, node, (reply.version, reply.rid_seen))
+            self.deliver(req, node, QueryResult(reply.version, reply.rid_seen, reply.promise, reply.lineage))
+        elif isinstance(reply, StoreAck):
+            self.deliver(req, node, True)
+        elif isinstance(reply, Nack):
+            self.deliver(req, node, operation.Nack(reply.above))
         else:
-            self.deliver(req, node, True if isinstance(reply, StoreAck) else None)
+            self.deliver(req, node, None)
 
     def deliver(self, req: int, node: NodeId, outcome: Outcome) -> None:
         """``node``'s outcome for the phase ``req``: its reply, or ``None``
@@ -163,6 +192,8 @@ class _Run:
         coordinator = self.coordinator
         del coordinator.running[self]
         coordinator.count(self.op, result)
+        if self.op.kind in _ATOMIC:
+            coordinator.atomic_over(self)
         self._finish(result)
 
     def _forget(self) -> None:
@@ -196,6 +227,13 @@ class Coordinator:
         self._timer_wakeup = trio.Event()
         self.fast_reads = 0
         self.write_backs = 0
+        #: keys with an atomic operation being coordinated here -> the
+        #: operations waiting for it, in arrival order
+        self._atomic: dict[Key, deque[_Run]] = {}
+        #: (when, seq, callback): rounds waiting out their backoff
+        self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._later_seq = itertools.count()
+        self._later_wakeup = trio.Event()
 
     def start(self, op: Operation, finish: Finish) -> None:
         """Coordinate ``op``; ``finish`` gets its result, or ``Unavailable``
@@ -205,7 +243,55 @@ class Coordinator:
         if not running:
             self._timer_wakeup.set()  # the timer task sleeps only while none runs
         running[run] = None
+        if op.kind in _ATOMIC:
+            waiting = self._atomic.get(op.key)
+            if waiting is not None:
+                waiting.append(run)  # its turn comes when the one before ends
+                return
+            self._atomic[op.key] = deque()
         run.advance(op.start())
+
+    def atomic_over(self, run: _Run) -> None:
+        """An atomic operation ended (done, failed or expired): the next one
+        on its key, if any, starts."""
+        key = run.op.key
+        waiting = self._atomic.get(key)
+        if waiting is None:
+            return
+        if run in waiting:  # expired while waiting for its turn
+            waiting.remove(run)
+            return
+        while waiting:
+            following = waiting.popleft()
+            if not following.over:
+                following.advance(following.op.start())
+                return
+        del self._atomic[key]
+
+    def later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in ``delay`` seconds (a backoff)."""
+        heapq.heappush(self._later, (trio.current_time() + delay, next(self._later_seq), callback))
+        self._later_wakeup.set()
+
+    async def run_later(self) -> None:
+        """The backoff task: runs each ``later`` callback when its time comes."""
+        pending = self._later
+        while True:
+            if not pending:
+                self._later_wakeup = trio.Event()
+                await self._later_wakeup.wait()
+                continue
+            when = pending[0][0]
+            if when > trio.current_time():
+                self._later_wakeup = trio.Event()
+                with trio.move_on_at(when):
+                    await self._later_wakeup.wait()
+                continue
+            _, _, callback = heapq.heappop(pending)
+            try:
+                callback()
+            except Exception:  # a bug: fail that request, not the node
+                log.exception("a delayed step failed", extra={"event": "internal_error"})
 
     def count(self, op: Operation, result: Done | QkvError) -> None:
         if isinstance(result, Done) and op.kind is Kind.GET:
@@ -230,17 +316,25 @@ class Coordinator:
             if not run.over:
                 run.finish(Unavailable(f"no majority answered within {self.timeout:g} s"))
 
-    def local(self, send: SendQuery | SendStore, req: int, run: _Run) -> None:
+    def local(self, send: SendQuery | SendPrepare | SendStore, req: int, run: _Run) -> None:
         """This node's own replica takes part in every phase."""
         replica = self.replica
         me = self.me
-        if isinstance(send, SendQuery):
-            if replica.ready or self.switches.serve_before_catch_up:
-                run.deliver(req, me, (replica.get(send.key), replica.rid_seen(send.rid)))
-            else:
-                run.deliver(req, me, None)
-        else:
-            replica.submit(
-                [Update(send.key, send.version, send.rid)],
+        if isinstance(send, SendStore):
+            [judged] = replica.offer(
+                [Update(send.key, send.version, send.notes)],
                 lambda error: run.deliver(req, me, error is None or None),
             )
+            if judged.verdict is Verdict.REFUSE:
+                assert judged.above is not None
+                run.deliver(req, me, operation.Nack(judged.above))
+        elif not (replica.ready or self.switches.serve_before_catch_up):
+            run.deliver(req, me, None)
+        elif isinstance(send, SendQuery):
+            run.deliver(req, me, replica.query(send.key, send.rid))
+        else:
+
+            def promised(result: QueryResult | operation.Nack | StorageError) -> None:
+                run.deliver(req, me, None if isinstance(result, StorageError) else result)
+
+            replica.prepare(send.key, send.ballot, send.rid, promised)

@@ -12,6 +12,7 @@ meanwhile, then closes its storage.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,10 +25,14 @@ import trio
 from net.address import Address
 from net.errors import QkvError, ShuttingDown, Unavailable
 from net.messages import (
+    Cas,
+    CasReply,
     Delete,
     ErrorReply,
     Get,
     GetReply,
+    Incr,
+    IncrReply,
     NodeStats,
     PeerHello,
     Ping,
@@ -48,7 +53,7 @@ from quorum.metrics import NodeMetrics
 from quorum.peer_service import PeerService, SyncSessions
 from quorum.peers import PeerLink
 from quorum.protocol.decide import majority
-from quorum.protocol.operation import Done, Operation
+from quorum.protocol.operation import CasResult, Done, IncrResult, Operation
 from quorum.replica import Replica
 from quorum.stats import RequestStats
 from register.model import NodeId, Tag
@@ -185,6 +190,12 @@ class Node:
                 )
             case Delete(key=key, rid=rid):
                 op = Operation.delete(key, self.coordinator.nodes, rid, write_quorum=switches.write_quorum)
+            # A cas or incr without a rid gets one: every round of it carries
+            # the rid, so that a round started again never applies it twice.
+            case Cas(key=key, expect=expect, value=value, rid=rid):
+                op = Operation.cas(key, expect, value, self.coordinator.nodes, rid or _internal_rid())
+            case Incr(key=key, by=by, rid=rid):
+                op = Operation.incr(key, by, self.coordinator.nodes, rid or _internal_rid())
             case _:
                 refusal = ErrorReply(id=request.id, error="bad_request", message="not a client request")
                 self._answer(op_name, started, refusal, respond)
@@ -267,6 +278,7 @@ class Node:
                 async with open_service_nursery() as nursery:
                     await nursery.start(self.replica.run)
                     nursery.start_soon(self.coordinator.run_deadlines)
+                    nursery.start_soon(self.coordinator.run_later)
                     for link in self.links.values():
                         nursery.start_soon(link.run)
                     await nursery.start(
@@ -368,7 +380,11 @@ async def open_node(
                 await node.shutdown()
 
 
-_OP_NAMES: dict[type, str] = {Get: "get", Set: "set", Delete: "delete"}
+_OP_NAMES: dict[type, str] = {Get: "get", Set: "set", Delete: "delete", Cas: "cas", Incr: "incr"}
+
+
+def _internal_rid() -> bytes:
+    return secrets.token_bytes(16)
 
 
 def _reply(request: Request, result: Done | QkvError) -> Reply:
@@ -379,6 +395,15 @@ def _reply(request: Request, result: Done | QkvError) -> Reply:
     held = result.result
     if isinstance(held, Tag):
         return WriteReply(id=request.id, tag=held)
+    if isinstance(held, IncrResult):
+        return IncrReply(id=request.id, value=held.value, tag=held.tag)
+    if isinstance(held, CasResult):
+        now = held.version
+        if now is None:
+            return CasReply(id=request.id, swapped=held.swapped, found=False, value=None, tag=None)
+        return CasReply(
+            id=request.id, swapped=held.swapped, found=not now.deleted, value=now.value, tag=now.tag
+        )
     if held is None:
         return GetReply(id=request.id, found=False, value=None, tag=None)
     return GetReply(id=request.id, found=not held.deleted, value=held.value, tag=held.tag)

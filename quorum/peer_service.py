@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from functools import partial
 
 import attrs
 import trio
@@ -25,9 +26,11 @@ import trio
 from net.codec import MalformedMessage, decode_peer_auth, decode_peer_frame, encode_peer, encode_reply
 from net.messages import (
     ErrorReply,
+    Nack,
     PeerHello,
     PeerMessage,
     PingReply,
+    Prepare,
     Query,
     QueryReply,
     Refused,
@@ -40,6 +43,8 @@ from net.messages import (
 from net.stream import FramedReader, Outbox
 from quorum.faults import FaultSwitches
 from quorum.peer_auth import acceptor_proof, dialer_proof, new_nonce, proof_ok
+from quorum.protocol import operation
+from quorum.protocol.acceptor import Verdict
 from quorum.replica import Replica, Update
 from register.model import Key, NodeId, Versioned
 from register.state import RegisterState
@@ -186,12 +191,15 @@ class PeerService:
             match message:
                 case Query(req=req, key=key, rid=rid):
                     if serving:
-                        reply: QueryReply | Refused = QueryReply(
-                            req=req, version=replica.get(key), rid_seen=replica.rid_seen(rid)
-                        )
+                        reply: QueryReply | Refused = _query_reply(req, replica.query(key, rid))
                     else:
                         reply = Refused(req=req, reason="recovering")
                     outbox.put(encode_peer(reply))
+                case Prepare(req=req, key=key, ballot=ballot, rid=rid):
+                    if serving:
+                        replica.prepare(key, ballot, rid, partial(_answer_prepare, outbox, req))
+                    else:
+                        outbox.put(encode_peer(Refused(req=req, reason="recovering")))
                 case Store():
                     if not self.switches.drop_stores:
                         stores.append(message)
@@ -203,13 +211,43 @@ class PeerService:
                     # Replies have no business on this side of a link.
                     pass
         if stores:
-            updates = [Update(s.key, Versioned(s.tag, s.value), s.rid) for s in stores]
+            updates = [Update(s.key, Versioned(s.tag, s.value), s.notes) for s in stores]
+            # Filled once ``offer`` has judged them; ``done`` runs later
+            # (never, when every store was refused).
+            taken: list[Store] = []
 
             def done(error: StorageError | None) -> None:
-                for s in stores:
+                for s in taken:
                     if error is None:
                         outbox.put(encode_peer(StoreAck(req=s.req)))
                     else:
                         outbox.put(encode_peer(Refused(req=s.req, reason=f"storage: {error}")))
 
-            replica.submit(updates, done)
+            judged = replica.offer(updates, done)
+            for store, verdict in zip(stores, judged, strict=True):
+                if verdict.verdict is Verdict.REFUSE:
+                    assert verdict.above is not None
+                    outbox.put(encode_peer(Nack(req=store.req, above=verdict.above)))
+                else:
+                    taken.append(store)
+
+
+def _query_reply(req: int, result: operation.QueryResult) -> QueryReply:
+    return QueryReply(
+        req=req,
+        version=result.version,
+        rid_seen=result.rid_seen,
+        promise=result.promise,
+        lineage=result.lineage,
+    )
+
+
+def _answer_prepare(
+    outbox: Outbox, req: int, result: operation.QueryResult | operation.Nack | StorageError
+) -> None:
+    if isinstance(result, operation.Nack):
+        outbox.put(encode_peer(Nack(req=req, above=result.above)))
+    elif isinstance(result, StorageError):
+        outbox.put(encode_peer(Refused(req=req, reason=f"storage: {result}")))
+    else:
+        outbox.put(encode_peer(_query_reply(req, result)))

@@ -33,13 +33,25 @@ Tag uniqueness across restarts: the highest counter this node issued is
 covered by ``Meta.counter_reserved``, persisted ahead of use in steps of
 ``RESERVE_STEP``; a restarted node resumes above the reservation, so it
 never issues a tag twice even if its last writes reached no other node.
+
+The acceptor (``quorum.protocol.acceptor``): every store is judged when it
+is submitted, against the *tip* (the head plus what is queued, so that two
+stores of one key in one batch are judged in order) and the key's promise.
+A refusal is answered at once (refusing is always safe, durable or not);
+what is stored or a duplicate is acknowledged once durable. Promises live
+in memory; ``Meta.promise_reserved`` bounds them on disk, reserved ahead of
+use in steps of ``RESERVE_STEP`` as tag counters are, and a restarted node
+takes every register as promised up to the reservation. A prepare is
+answered once the promise is covered by the reservation on disk and the
+key has nothing waiting for a sync: it reports what the node durably holds,
+which includes every store judged before the promise.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import outcome
@@ -47,7 +59,9 @@ import trio
 
 from net.stream import wait_to_coalesce
 from quorum.disk_thread import DiskThread
-from register.model import Key, NodeId, RidRecord, Tag, Versioned, request_fingerprint
+from quorum.protocol.acceptor import Judged, Verdict, floor_after, prepare_verdict, store_verdict
+from quorum.protocol.operation import Nack, QueryResult
+from register.model import Key, NodeId, RidNote, RidRecord, Tag, Versioned
 from register.rids import RidTable
 from register.state import RegisterState, apply_updates, empty_state, highest_counter
 from register.store import Batch, Meta, StorageError, Store
@@ -69,13 +83,19 @@ THREAD_APPLY_BYTES = 64 * 1024
 #: seconds the commit task waits at shutdown for a sync still on the disk
 SHUTDOWN_SYNC_WAIT = 10.0
 Done = Callable[[StorageError | None], None]
+Reply = QueryResult | Nack | StorageError
 
 
 @attrs.frozen
 class Update:
     key: Key
     version: Versioned
-    rid: bytes | None = None
+    #: the rid notes that travel with the version (``RidNote``)
+    notes: tuple[RidNote, ...] = ()
+
+
+_ACCEPTED = Judged(Verdict.ACCEPT)
+_ZERO = Tag.zero()
 
 
 @attrs.define
@@ -86,6 +106,8 @@ class _Applied:
     state: RegisterState
     meta: Meta | None
     records: list[RidRecord]
+    #: for each record, the tag of the version it came with
+    came_with: list[Tag]
     callbacks: list[Done]
     updates: int
     max_counter: int
@@ -107,10 +129,17 @@ class Replica:
         self._head = self.state
         self._head_meta = self.meta
         self._pending_drops = self.rids.add(snapshot.rids, time.time())
-        # Every tag issued from now on is above what was reserved before.
+        #: the newest state including what is queued (stores are judged on it)
+        self._tip = self.state
+        #: promises made since the start (in memory; see the module docstring)
+        self._promises: dict[Key, Tag] = {}
+        #: the promise every register has after a restart
+        self.promise_floor = floor_after(self.meta.promise_reserved)
+        # Every tag issued from now on is above what was reserved before,
+        # and above this node's own promise floor.
         #: the largest tag counter held (for ``qkv status``)
         self.max_counter = highest_counter(self.state)
-        self._floor = max(self.meta.counter_reserved, self.max_counter)
+        self._floor = max(self.meta.counter_reserved, self.max_counter, self.promise_floor.counter)
         self._queue: list[tuple[Update, Done | None]] = []
         self._meta_waiters: list[Done] = []
         self._wakeup = trio.Event()
@@ -142,27 +171,127 @@ class Replica:
     def get(self, key: Key) -> Versioned | None:
         return self.state.get(key)
 
-    def rid_seen(self, rid: bytes | None) -> tuple[Tag, bytes] | None:
-        """What this node has on record for ``rid``: the tag its write was
-        stored under and the write's fingerprint (``None``: unknown)."""
+    def promise(self, key: Key) -> Tag:
+        promise = self._promises.get(key, _ZERO)
+        floor = self.promise_floor
+        return floor if floor > promise else promise
+
+    def known(self, key: Key) -> Tag:
+        """The highest tag this node knows for ``key``: held, queued or
+        promised (a new ballot or tag goes above it)."""
+        held = self._tip.get(key)
+        promise = self.promise(key)
+        return held.tag if held is not None and held.tag > promise else promise
+
+    def query(self, key: Key, rid: bytes | None) -> QueryResult:
+        """This node's answer to a query (or, once durable, a prepare):
+        its durable version, its record of ``rid``, its promise when above
+        the held tag, and the rid notes that came with the version."""
+        version = self.state.get(key)
+        promise: Tag | None = self.promise(key)
+        rids = self.rids
+        if version is None:
+            origin: tuple[RidNote, ...] = ()
+            if promise == _ZERO:
+                promise = None
+        else:
+            origin = rids.lineage(version.tag)
+            if promise is not None and promise <= version.tag:
+                promise = None
         if rid is None:
-            return None
-        record = self.rids.lookup(rid)
-        return None if record is None else (record.tag, record.request)
+            return QueryResult(version, None, promise, origin)
+        seen = rids.lookup(rid)
+        return QueryResult(version, None if seen is None else seen.note, promise, origin)
 
     # --- writes ------------------------------------------------------------
 
     def submit(self, updates: Iterable[Update], done: Done | None) -> None:
-        """Queue updates for the next group commit; ``done`` is called once
+        """Merge updates in the next group commit, with no acceptor rule (a
+        recovering node taking in a peer's state); ``done`` is called once
         all of them are durable (``None``) or failed (the error)."""
-        items = list(updates)
+        self._queue_all(list(updates), done, merge_tip=True)
+
+    def offer(self, updates: Sequence[Update], done: Done | None) -> list[Judged]:
+        """Judge each update by the acceptor rule (``store_verdict``) and
+        queue those stored or duplicated for the next group commit; ``done``
+        is called once these are durable (``None``) or failed (the error),
+        and not at all when every update was refused. Returns one verdict
+        per update."""
+        judged: list[Judged] = []
+        queued: list[Update] = []
+        tip = self._tip
+        promises = self._promises
+        floor = self.promise_floor
+        rids = self.rids
+        for update in updates:
+            key, version = update.key, update.version
+            held = tip.get(key)
+            promise = promises.get(key, _ZERO)
+            if floor > promise:
+                promise = floor
+            if (held is None or version.tag > held.tag) and version.tag >= promise:
+                verdict = _ACCEPTED  # the common case, without a call
+            else:
+                stored_for_rid = None
+                for note in update.notes:
+                    if note.tag == version.tag:
+                        record = rids.lookup(note.rid)
+                        stored_for_rid = None if record is None else record.tag
+                verdict = store_verdict(held, promise, version.tag, stored_for_rid)
+            judged.append(verdict)
+            if verdict.verdict is Verdict.REFUSE:
+                continue
+            if verdict.verdict is Verdict.ACCEPT:
+                tip = tip.set(key, version)
+                if key in promises and version.tag >= promises[key]:
+                    del promises[key]  # the held tag now refuses as much
+            queued.append(update)
+        self._tip = tip
+        if queued:
+            self._queue_all(queued, done, merge_tip=False)
+        return judged
+
+    def _queue_all(self, items: list[Update], done: Done | None, *, merge_tip: bool) -> None:
+        """Queue ``items``; ``merge_tip``: they are not in the tip yet."""
         for i, update in enumerate(items):
             # One callback per submission: attach it to the last update.
             self._queue.append((update, done if i == len(items) - 1 else None))
-        if not items and done is not None:
-            done(None)
+        if not items:
+            if done is not None:
+                done(None)
             return
+        if merge_tip:
+            self._tip = apply_updates(self._tip, ((u.key, u.version) for u in items))[0]
         self._wakeup.set()
+
+    def prepare(self, key: Key, ballot: Tag, rid: bytes | None, reply: Callable[[Reply], None]) -> None:
+        """Promise ``ballot`` for ``key`` unless the acceptor rule refuses
+        (``prepare_verdict``); ``reply`` gets the node's ``QueryResult``
+        once the promise and the key's state are durable, a ``Nack`` at
+        once, or the ``StorageError`` that kept it from disk."""
+        held = self._tip.get(key)
+        judged = prepare_verdict(held, self.promise(key), ballot)
+        if judged.verdict is Verdict.REFUSE:
+            assert judged.above is not None
+            reply(Nack(judged.above))
+            return
+        self._promises[key] = ballot
+
+        def answer(error: StorageError | None = None) -> None:
+            reply(self.query(key, rid) if error is None else error)
+
+        reserved = max(self.meta.promise_reserved, self._head_meta.promise_reserved)
+        if ballot.counter > self.meta.promise_reserved:
+            reservation = attrs.evolve(
+                self._head_meta, promise_reserved=max(reserved, ballot.counter + RESERVE_STEP)
+            )
+            self._enqueue_meta(reservation, answer)
+        elif held is not self.state.get(key):
+            # The key has a store waiting for its sync: answer once it is
+            # durable, so that the promise reports it.
+            self._enqueue_meta(self._head_meta, answer)
+        else:
+            answer()
 
     async def persist(self, updates: Iterable[Update]) -> None:
         """Submit and wait until durable; raises ``StorageError``."""
@@ -181,6 +310,7 @@ class Replica:
         self._head_meta = attrs.evolve(
             meta,
             counter_reserved=max(meta.counter_reserved, head.counter_reserved),
+            promise_reserved=max(meta.promise_reserved, head.promise_reserved),
             ready=meta.ready or head.ready,
         )
         self._meta_waiters.append(done)
@@ -260,12 +390,11 @@ class Replica:
         now = time.time()
         new_state, changed = apply_updates(self._head, ((u.key, u.version) for u, _ in queue))
         records = [
-            RidRecord(
-                rid=u.rid, request=request_fingerprint(u.key, u.version.value), tag=u.version.tag, at=now
-            )
+            RidRecord(rid=n.rid, request=n.request, tag=n.tag, at=now, result=n.result)
             for u, _ in queue
-            if u.rid
+            for n in u.notes
         ]
+        came_with = [u.version.tag for u, _ in queue for _ in u.notes]
         callbacks = [done for _, done in queue if done is not None]
         callbacks += meta_waiters
         drops, self._pending_drops = self._pending_drops, []
@@ -294,7 +423,9 @@ class Replica:
             return
         self._head = new_state
         top = max((v.tag.counter for _, v in changed), default=0)
-        self._unsynced.append(_Applied(new_state, meta, records, callbacks, len(queue), top, began))
+        self._unsynced.append(
+            _Applied(new_state, meta, records, came_with, callbacks, len(queue), top, began)
+        )
         self._start_sync(in_loop=idle and not large)
 
     def _start_sync(self, *, in_loop: bool = False) -> None:
@@ -342,13 +473,14 @@ class Replica:
             # they held is written (and refused by the store) again rather
             # than acknowledged as already there.
             self._head, self._head_meta = self.state, self.meta
+            self._tip = apply_updates(self.state, ((u.key, u.version) for u, _ in self._queue))[0]
         else:
             now = time.perf_counter()
             self.state = done[-1].state
             for applied in done:
                 if applied.meta is not None:
                     self.meta = applied.meta
-                self._pending_drops += self.rids.add(applied.records, time.time())
+                self._pending_drops += self.rids.add(applied.records, time.time(), applied.came_with)
                 self.max_counter = max(self.max_counter, applied.max_counter)
                 self.commits += 1
                 self.committed_updates += applied.updates

@@ -55,7 +55,7 @@ class Latencies:
 
 class RequestStats:
     def __init__(
-        self, now: float, window: int = WINDOW, ops: tuple[str, ...] = ("get", "set", "delete")
+        self, now: float, window: int = WINDOW, ops: tuple[str, ...] = ("get", "set", "delete", "cas", "incr")
     ) -> None:
         self.started = now
         self.window = window

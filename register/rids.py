@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from register.model import RidRecord
+from register.model import RidNote, RidRecord, Tag
 
 DEFAULT_MAX_COUNT = 100_000
 DEFAULT_MAX_AGE = 600.0
@@ -27,6 +27,9 @@ class RidTable:
     max_count: int = DEFAULT_MAX_COUNT
     max_age: float = DEFAULT_MAX_AGE
     _records: dict[bytes, RidRecord] = attrs.field(factory=dict)
+    #: version tag -> the rids whose notes came with that version: the
+    #: write that made it, and those it built on (its lineage)
+    _by_tag: dict[Tag, list[bytes]] = attrs.field(factory=dict)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -34,17 +37,38 @@ class RidTable:
     def lookup(self, rid: bytes) -> RidRecord | None:
         return self._records.get(rid)
 
+    def lineage(self, tag: Tag) -> tuple[RidNote, ...]:
+        """The notes that came with the version stored under ``tag`` (the
+        write that made it first, if on record), newest first."""
+        rids = self._by_tag.get(tag)
+        if rids is None:
+            return ()
+        records = self._records
+        return tuple(records[rid].note for rid in rids if rid in records)
+
     def records(self) -> list[RidRecord]:
         return list(self._records.values())
 
-    def add(self, records: Iterable[RidRecord], now: float) -> list[bytes]:
+    def add(
+        self, records: Iterable[RidRecord], now: float, came_with: Iterable[Tag] | None = None
+    ) -> list[bytes]:
         """Remember ``records``; return the rids that fell out (to delete
-        from storage in the same commit)."""
-        for record in records:
-            # Re-adding a rid moves it to the end (it is fresh again); a rid
-            # keeps the first tag it was stored under.
-            first = self._records.pop(record.rid, None)
-            self._records[record.rid] = record if first is None else attrs.evolve(first, at=record.at)
+        from storage in the same commit). ``came_with``: for each record,
+        the tag of the version it was stored with (default: its own)."""
+        records = list(records)
+        tags = [r.tag for r in records] if came_with is None else list(came_with)
+        for record, with_tag in zip(records, tags, strict=True):
+            # Re-adding a rid moves it to the end (it is fresh again). A rid
+            # keeps the highest tag it was stored under: a write refused by
+            # a majority retries under a higher tag, and the retry's record
+            # is the one a later retry must finish.
+            held = self._records.pop(record.rid, None)
+            if held is not None and held.tag > record.tag:
+                record = attrs.evolve(held, at=record.at)
+            self._records[record.rid] = record
+            lineage = self._by_tag.setdefault(with_tag, [])
+            if record.rid not in lineage:
+                lineage.append(record.rid)
         return self.expire(now)
 
     def expire(self, now: float) -> list[bytes]:
@@ -56,4 +80,10 @@ class RidTable:
             dropped.append(rid)
         for rid in dropped:
             del self._records[rid]
+        if dropped and len(self._by_tag) > 2 * len(self._records) + 64:
+            # Lineages whose records all expired.
+            records = self._records
+            self._by_tag = {
+                tag: kept for tag, rids in self._by_tag.items() if (kept := [r for r in rids if r in records])
+            }
         return dropped

@@ -27,14 +27,20 @@ from net.codec import (
 )
 from net.errors import BadRequest, QkvError, UnknownOp
 from net.messages import (
+    Cas,
+    CasReply,
     Delete,
     ErrorReply,
     Get,
     GetReply,
+    Incr,
+    IncrReply,
+    Nack,
     PeerHello,
     PeerMessage,
     Ping,
     PingReply,
+    Prepare,
     Query,
     QueryReply,
     Refused,
@@ -48,7 +54,7 @@ from net.messages import (
     SyncPage,
     WriteReply,
 )
-from register.model import NodeId, Tag, Versioned
+from register.model import NodeId, RidNote, Tag, Versioned
 from tests.strategies import keys, node_ids, rids, tags, values
 
 LIMITS = Limits()
@@ -62,6 +68,13 @@ maybe_tags = st.none() | tags
 peer_tags = st.builds(Tag, st.integers(min_value=0, max_value=2**63 - 1), node_ids)
 maybe_peer_tags = st.none() | peer_tags
 maybe_rids = st.none() | rids
+notes = st.builds(
+    RidNote,
+    rid=rids,
+    request=st.binary(min_size=16, max_size=16),
+    tag=peer_tags,
+    result=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
 
 # --- strategies for every message type ---------------------------------------
 
@@ -71,10 +84,21 @@ peer_messages: st.SearchStrategy[PeerMessage] = st.one_of(
         QueryReply,
         req=u64,
         version=st.none() | st.builds(Versioned, peer_tags, maybe_values),
-        rid_seen=st.none() | st.tuples(peer_tags, st.binary(min_size=16, max_size=16)),
+        rid_seen=st.none() | notes,
+        promise=maybe_peer_tags,
+        lineage=st.lists(notes, max_size=3).map(tuple),
     ),
-    st.builds(Store, req=u64, key=keys, tag=peer_tags, value=maybe_values, rid=maybe_rids),
+    st.builds(Prepare, req=u64, key=keys, ballot=peer_tags, rid=maybe_rids),
+    st.builds(
+        Store,
+        req=u64,
+        key=keys,
+        tag=peer_tags,
+        value=maybe_values,
+        notes=st.lists(notes, max_size=3).map(tuple),
+    ),
     st.builds(StoreAck, req=u64),
+    st.builds(Nack, req=u64, above=peer_tags),
     st.builds(Refused, req=u64, reason=texts),
     st.builds(SyncPage, req=u64, session=u64, after=st.none() | keys),
     st.builds(
@@ -91,6 +115,10 @@ requests: st.SearchStrategy[Request] = st.one_of(
     st.builds(Get, id=u64, key=keys),
     st.builds(Set, id=u64, key=keys, value=values, rid=maybe_rids),
     st.builds(Delete, id=u64, key=keys, rid=maybe_rids),
+    st.builds(Cas, id=u64, key=keys, expect=maybe_values, value=maybe_values, rid=maybe_rids),
+    st.builds(
+        Incr, id=u64, key=keys, by=st.integers(min_value=-(2**63), max_value=2**63 - 1), rid=maybe_rids
+    ),
     st.builds(PeerHello, id=u64, node=names),
 )
 
@@ -98,6 +126,10 @@ replies: st.SearchStrategy[Reply] = st.one_of(
     st.builds(PingReply, id=u64, node=names, state=st.sampled_from(["serving", "recovering"])),
     st.builds(GetReply, id=u64, found=st.booleans(), value=maybe_values, tag=maybe_tags),
     st.builds(WriteReply, id=u64, tag=tags),
+    st.builds(
+        CasReply, id=u64, swapped=st.booleans(), found=st.booleans(), value=maybe_values, tag=maybe_tags
+    ),
+    st.builds(IncrReply, id=u64, value=st.integers(min_value=-(2**63), max_value=2**63 - 1), tag=tags),
     st.builds(ErrorReply, id=st.none() | u64, error=texts, message=texts),
 )
 

@@ -218,8 +218,8 @@ def test_rid_table_bounded_and_complete(
         records = [record(rid, counter, now) for rid, counter in batch]
         before = set(model)
         for r in records:
-            first = model.pop(r.rid, None)
-            model[r.rid] = r if first is None else attrs.evolve(first, at=r.at)
+            held = model.pop(r.rid, None)
+            model[r.rid] = attrs.evolve(held, at=r.at) if held is not None and held.tag > r.tag else r
         expected_dropped = []
         for rid, r in list(model.items()):
             if len(model) > max_count or r.at < now - max_age:
@@ -239,24 +239,41 @@ def test_rid_table_bounded_and_complete(
         assert not set(dropped) & kept, "a dropped rid is gone"
         assert set(dropped) <= before | {r.rid for r in records}
         assert dropped_ever | kept == added
-        # differential: the exact records (first tag, refreshed age, order)
+        # differential: the exact records (highest tag, refreshed age, order)
         assert dropped == expected_dropped
         assert table.records() == list(model.values())
         for rid in kept:
             assert table.lookup(rid) == model[rid]
 
 
-def test_rid_readd_keeps_first_tag_and_refreshes_age() -> None:
+def test_rid_readd_keeps_the_highest_tag_and_refreshes_age() -> None:
     table = RidTable(max_count=10, max_age=10.0)
     a, b = b"a" * 8, b"b" * 8
-    assert table.add([record(a, 1, 0.0), record(b, 2, 0.0)], now=0.0) == []
-    # re-adding a with another tag: first tag kept, age refreshed
-    assert table.add([record(a, 99, 8.0)], now=8.0) == []
-    assert (found := table.lookup(a)) is not None and found.tag == Tag(1, NodeId("n1"))
+    assert table.add([record(a, 5, 0.0), record(b, 2, 0.0)], now=0.0) == []
+    # re-adding a with a lower tag (a late duplicate): the higher one kept, age refreshed
+    assert table.add([record(a, 1, 8.0)], now=8.0) == []
+    assert (found := table.lookup(a)) is not None and found.tag == Tag(5, NodeId("n1"))
     # at 12, b (stored at 0) is too old; a (refreshed at 8) is not
     assert table.add([], now=12.0) == [b]
-    assert (found := table.lookup(a)) is not None and found.tag == Tag(1, NodeId("n1"))
+    assert (found := table.lookup(a)) is not None and found.tag == Tag(5, NodeId("n1"))
+    # a write refused by a majority retried under a higher tag: that one is kept
+    assert table.add([record(a, 99, 13.0)], now=13.0) == []
+    assert (found := table.lookup(a)) is not None and found.tag == Tag(99, NodeId("n1"))
     assert table.lookup(b) is None
+
+
+def test_lineage_names_the_notes_that_came_with_a_version() -> None:
+    table = RidTable(max_count=10, max_age=10.0)
+    a, b, c = b"a" * 8, b"b" * 8, b"c" * 8
+    t5, t7 = Tag(5, NodeId("n1")), Tag(7, NodeId("n2"))
+    table.add([record(a, 5, 0.0)], now=0.0)
+    # the version 7 was built on version 5: its store carried a's note too
+    table.add([record(b, 7, 1.0), record(a, 5, 1.0)], now=1.0, came_with=[t7, t7])
+    assert [n.rid for n in table.lineage(t7)] == [b, a]
+    assert [n.rid for n in table.lineage(t5)] == [a]
+    assert table.lineage(Tag(9, NodeId("n1"))) == ()
+    table.add([record(c, 9, 30.0)], now=30.0)  # a and b expire
+    assert table.lineage(t7) == ()
 
 
 def test_rid_table_count_bound_drops_oldest_first() -> None:

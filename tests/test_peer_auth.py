@@ -11,6 +11,7 @@ import msgpack
 import trio
 
 from net.address import Address
+from net.messages import PEER_PROTOCOL_VERSION
 from quorum.cluster import LocalCluster, open_cluster
 from quorum.peer_auth import acceptor_proof, dialer_proof, new_nonce, proof_ok, read_secret
 from register.model import Key
@@ -74,11 +75,14 @@ async def test_a_connection_without_the_secret_gets_an_error_and_changes_nothing
     async with open_cluster(3, cluster_secret=SECRET) as cluster:
         await wait_all_serving(cluster)
         address: Address = cluster.addresses[0]
-        store = [["s", 1, b"stolen", [10**9, "n2"], b"x", None]]
+        store = [["s", 1, b"stolen", [10**9, "n2"], b"x", []]]
 
         # peer_hello with no nonce: refused before any peer message
         conn = await RawConnection.open(address)
-        await conn.send(frame({"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2"}) + frame(store))
+        await conn.send(
+            frame({"op": "peer_hello", "id": 0, "protocol": PEER_PROTOCOL_VERSION, "node": "n2"})
+            + frame(store)
+        )
         reply = await conn.receive()
         assert reply is not None and reply["ok"] is False and reply["error"] == "bad_request", reply
         assert "authentication" in reply["message"]
@@ -88,7 +92,9 @@ async def test_a_connection_without_the_secret_gets_an_error_and_changes_nothing
         # a nonce but a wrong proof, then a store: an error, and closed
         conn = await RawConnection.open(address)
         nonce = new_nonce()
-        hello = await conn.request({"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2", "nonce": nonce})
+        hello = await conn.request(
+            {"op": "peer_hello", "id": 0, "protocol": PEER_PROTOCOL_VERSION, "node": "n2", "nonce": nonce}
+        )
         assert hello["ok"] is True and len(hello["nonce"]) == 16
         # the node proves the secret to the dialer (which cannot check it)
         assert hello["proof"] == acceptor_proof(SECRET, nonce, hello["nonce"], "n2", "n1")
@@ -121,7 +127,9 @@ async def test_the_right_proof_opens_a_peer_session() -> None:
         await wait_all_serving(cluster)
         conn = await RawConnection.open(cluster.addresses[0])
         nonce = new_nonce()
-        hello = await conn.request({"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2", "nonce": nonce})
+        hello = await conn.request(
+            {"op": "peer_hello", "id": 0, "protocol": PEER_PROTOCOL_VERSION, "node": "n2", "nonce": nonce}
+        )
         proof = dialer_proof(SECRET, nonce, hello["nonce"], "n2", "n1")
         query = [["q", 7, b"absent", None]]
         await conn.send(frame({"op": "peer_auth", "id": 0, "proof": proof}) + frame(query))
@@ -142,7 +150,13 @@ async def test_a_framing_error_on_a_peer_connection_closes_only_that_connection(
     for secret in (SECRET, None):
         async with open_cluster(3, cluster_secret=secret) as cluster:
             await wait_all_serving(cluster)
-            hello = {"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2", "nonce": new_nonce()}
+            hello = {
+                "op": "peer_hello",
+                "id": 0,
+                "protocol": PEER_PROTOCOL_VERSION,
+                "node": "n2",
+                "nonce": new_nonce(),
+            }
             conn = await RawConnection.open(cluster.addresses[0])
             await conn.send(frame(hello) + b"\x00\x00\x00\x00")
             with trio.fail_after(5):

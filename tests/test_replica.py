@@ -14,7 +14,7 @@ import trio
 
 from net.stream import wait_to_coalesce
 from quorum.replica import THREAD_APPLY_BYTES, THREAD_APPLY_ROWS, Replica, Update
-from register.model import Key, NodeId, Tag, Versioned
+from register.model import Key, NodeId, RidNote, Tag, Versioned
 from register.rids import RidTable
 from register.store import Batch, MemoryStore, Meta, Snapshot, StorageError
 
@@ -261,7 +261,9 @@ async def test_rids_that_fall_out_of_the_table_are_dropped_from_storage(nursery:
     replica = Replica(NODE, store, RidTable(max_count=2))
     await nursery.start(replica.run)
     for i in range(6):
-        await replica.persist([Update(Key(b"k%d" % i), Versioned(Tag(i + 1, NODE), b"v"), b"rid-%05d" % i)])
+        tag = Tag(i + 1, NODE)
+        note = RidNote(rid=b"rid-%05d" % i, request=b"r" * 16, tag=tag)
+        await replica.persist([Update(Key(b"k%d" % i), Versioned(tag, b"v"), (note,))])
     await replica.persist([update(99)])  # carries the last drops
     kept = {r.rid for r in replica.rids.records()}
     assert kept == {b"rid-00004", b"rid-00005"}

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from net.address import Address
+from net.messages import PEER_PROTOCOL_VERSION
 from quorum.cluster import LocalCluster, open_cluster
 from tests.rawwire import RawConnection
 
@@ -176,19 +177,21 @@ async def test_client_that_never_reads_cannot_stall_others(cluster: LocalCluster
 async def test_peer_hello_later_in_a_connection_is_refused(cluster: LocalCluster, connect: Connect) -> None:
     conn = await connect(cluster.addresses[0])
     assert (await conn.request({"op": "ping", "id": 1}))["ok"]
-    reply = await conn.request({"op": "peer_hello", "id": 2, "protocol": 2, "node": "n2"})
+    reply = await conn.request({"op": "peer_hello", "id": 2, "protocol": PEER_PROTOCOL_VERSION, "node": "n2"})
     assert reply["ok"] is False and reply["error"] == "bad_request"
     assert (await conn.request({"op": "ping", "id": 3}))["ok"]
 
 
 async def test_peer_hello_from_a_stranger_is_refused(cluster: LocalCluster, connect: Connect) -> None:
     conn = await connect(cluster.addresses[0])
-    reply = await conn.request({"op": "peer_hello", "id": 5, "protocol": 2, "node": "intruder"})
+    reply = await conn.request(
+        {"op": "peer_hello", "id": 5, "protocol": PEER_PROTOCOL_VERSION, "node": "intruder"}
+    )
     assert reply["ok"] is False and reply["error"] == "bad_request" and reply["id"] == 5
     assert await conn.closed_by_node()
 
 
-@pytest.mark.parametrize("protocol", [None, 1, 3, "2"])
+@pytest.mark.parametrize("protocol", [None, 1, 2, 4, "3"])
 async def test_peer_hello_of_another_peer_protocol_is_refused(
     cluster: LocalCluster, connect: Connect, protocol: object
 ) -> None:
@@ -208,7 +211,7 @@ async def test_garbage_from_a_fake_peer_closes_only_that_connection(
     cluster: LocalCluster, connect: Connect
 ) -> None:
     conn = await connect(cluster.addresses[0])
-    hello = await conn.request({"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2"})
+    hello = await conn.request({"op": "peer_hello", "id": 0, "protocol": PEER_PROTOCOL_VERSION, "node": "n2"})
     assert hello["ok"] is True
     junk = msgpack.packb([["q", "not an int", b"k", None]], use_bin_type=True)
     await conn.send(struct.pack(">I", len(junk)) + junk)

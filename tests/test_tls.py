@@ -16,6 +16,7 @@ import trustme
 
 from net.client import open_client
 from net.errors import PeerUnavailable, Unavailable
+from net.messages import PEER_PROTOCOL_VERSION
 from net.tls import TlsFiles, client_context
 from quorum.cluster import LocalCluster, open_cluster
 from tests.support.procs import run_qkv
@@ -97,7 +98,8 @@ async def test_a_peer_needs_a_certificate_from_the_cluster_ca(tmp_path: Path, ca
         tls = trio.SSLStream(stream, client_context(files.ca), server_hostname="127.0.0.1")
         async with tls:
             body = msgpack.packb(
-                {"op": "peer_hello", "id": 0, "protocol": 2, "node": "n2"}, use_bin_type=True
+                {"op": "peer_hello", "id": 0, "protocol": PEER_PROTOCOL_VERSION, "node": "n2"},
+                use_bin_type=True,
             )
             await tls.send_all(struct.pack(">I", len(body)) + body)
             data = b""

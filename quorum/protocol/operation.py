@@ -1,4 +1,4 @@
-"""One client operation as a state machine, with no I/O (the ABD protocol).
+"""One client operation as a state machine, with no I/O.
 
 An ``Operation`` is fed the outcome of each node for its current phase and
 answers with what to do next; a driver carries that out. The trio
@@ -6,52 +6,111 @@ coordinator (``quorum.coordinator``) drives operations over real peer links;
 the deterministic simulation in the tests drives the same class over a
 simulated network, so the protocol that is proven is the protocol that runs.
 
-    op = Operation.get(key, nodes)             # or .set / .delete
-    step = op.start()                          # Send(Query)
-    step = op.receive(node, reply_or_None)     # Pending, Send, IssueTag, Done, Failed
-    step = op.tag_issued(tag)                  # after IssueTag: Send(Store)
+    op = Operation.get(key, nodes)             # or .set / .delete / .cas / .incr
+    step = op.start()                          # SendQuery, or IssueTag for a cas
+    step = op.receive(node, reply_or_None)     # Pending, Send*, IssueTag, Done, Failed, Rejected
+    step = op.tag_issued(tag)                  # after IssueTag: SendStore or SendPrepare
 
-The rules (see ``quorum.protocol.decide`` for the decisions themselves):
+Blind operations are multi-writer ABD; ``cas`` and ``incr`` are CASPaxos
+rounds on the same registers (see ``quorum.protocol.acceptor`` for the rule
+that lets them share a key):
 
-- get: query a majority; if fewer than a majority hold the newest tag, store
-  it on a majority (write-back) before answering.
-- set/delete: query a majority for the key's tag and the request id; if some
-  node recorded the rid, finish that write with its tag; otherwise take a new
-  tag (the driver issues it: above every tag seen and every tag this node
-  issued); store on a majority; answer the tag.
+- get: query a majority; answer at once when a majority holds the newest
+  tag; otherwise store it on a majority (write-back) first. A write-back
+  refused by a node that promised a higher ballot cannot be completed as is:
+  the read then finishes by a round of its own (prepare, and accept the
+  current value under the new ballot when a majority does not hold it yet).
+- set/delete: query a majority for the key's tag, its promise and the
+  request id; if some node recorded the rid, finish that write under its
+  tag; otherwise take a new tag above every tag and promise seen; store on
+  a majority. Refused by a majority (a higher tag or promise got there
+  first), it retries under a tag above what the refusals reported.
+- cas/incr: prepare a new ballot (a tag) on a majority; the current value is
+  the version with the highest tag among the promises; compute the new
+  value; accept ``(ballot, new)`` on a majority; answer. Refused in either
+  phase, a new round starts with a higher ballot (the driver backs off
+  first, so that two coordinators do not preempt each other for ever).
+  An outcome read from a version that a majority does not hold yet (a
+  cas that does not swap, an incr on a non-integer) is written under the
+  ballot first, as a read's write-back is.
+
+Request ids of cas and incr: every round carries the rid (the driver makes
+one up when the client sent none, so that a new round never applies a
+change twice). A prepare majority that reports the rid on record finishes
+that write instead of applying it again, and answers from the record; when
+the record's version is no longer the newest and not every node of the
+majority has it, the op cannot tell whether that attempt took effect and
+fails with an unknown outcome instead of guessing.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TypeAlias, cast
+from collections.abc import Sequence
+from typing import NamedTuple, TypeAlias
 
 import attrs
 
+from quorum.protocol.atomic import NotAnInteger, apply_cas, apply_incr
 from quorum.protocol.decide import Decision, Vote, read_outcome
-from register.model import Key, NodeId, Tag, Versioned, request_fingerprint
+from register.model import (
+    Key,
+    NodeId,
+    RidNote,
+    Tag,
+    Versioned,
+    cas_fingerprint,
+    incr_fingerprint,
+    request_fingerprint,
+)
+
+#: rid notes a version carries of the writes it was built on
+LINEAGE = 8
 
 __all__ = [
+    "LINEAGE",
     "PENDING",
+    "CasResult",
     "Done",
     "Failed",
+    "IncrResult",
     "IssueTag",
+    "Kind",
+    "Nack",
     "Operation",
     "Pending",
     "QueryResult",
     "Rejected",
-    "RidSeen",
+    "SendPrepare",
     "SendQuery",
     "SendStore",
     "Step",
 ]
 
-#: what one node has on record for a request id: the tag the write was
-#: stored under and the fingerprint of that write (``request_fingerprint``)
-RidSeen: TypeAlias = tuple[Tag, bytes]
-#: what one node answers to a query: its version of the key (None: never
-#: written) and its record of the request id (None: unknown rid)
-QueryResult: TypeAlias = tuple[Versioned | None, RidSeen | None]
+
+class QueryResult(NamedTuple):
+    """What one node answers to a query or a prepare (a named tuple: one is
+    built for every reply of every phase)."""
+
+    #: its version of the key (None: never written there)
+    version: Versioned | None
+    #: its record of the request's rid (None: unknown rid)
+    rid_seen: RidNote | None = None
+    #: its promise for the key, when above the held tag
+    promise: Tag | None = None
+    #: the rid notes that came with the held version: the write that made
+    #: it, and those it built on (its lineage, newest first)
+    lineage: tuple[RidNote, ...] = ()
+
+
+@attrs.frozen
+class Nack:
+    """A node refused a store or a prepare; the next try goes above ``above``."""
+
+    above: Tag
+
+
+Reply: TypeAlias = QueryResult | Nack | bool | None
 
 
 @attrs.frozen
@@ -61,18 +120,31 @@ class SendQuery:
 
 
 @attrs.frozen
+class SendPrepare:
+    key: Key
+    ballot: Tag
+    rid: bytes | None
+
+
+@attrs.frozen
 class SendStore:
     key: Key
     version: Versioned
-    rid: bytes | None
+    #: rid notes that travel with the version: its own request's, and the
+    #: one of the version it finishes or builds on
+    notes: tuple[RidNote, ...] = ()
 
 
 @attrs.frozen
 class IssueTag:
     """The driver must issue a new tag above ``seen`` (and above every tag
-    this node issued), then call ``tag_issued``."""
+    this node issued, and what it knows of ``key``), then call
+    ``tag_issued``; ``attempt`` > 0 is a retry after a refusal, which the
+    driver delays by a random backoff that grows with it."""
 
+    key: Key
     seen: Tag
+    attempt: int = 0
 
 
 @attrs.frozen
@@ -81,9 +153,23 @@ class Pending:
 
 
 @attrs.frozen
+class CasResult:
+    swapped: bool
+    #: what the key holds now (None: never written)
+    version: Versioned | None
+
+
+@attrs.frozen
+class IncrResult:
+    value: int
+    tag: Tag
+
+
+@attrs.frozen
 class Done:
-    #: for a get, the version read (None: never written); for a write, its tag
-    result: Versioned | Tag | None
+    #: get: the version read (None: never written); set and delete: the
+    #: tag; cas: ``CasResult``; incr: ``IncrResult``
+    result: Versioned | Tag | CasResult | IncrResult | None
     #: a get that had to write back before answering
     wrote_back: bool = False
 
@@ -100,9 +186,11 @@ class Rejected:
     """The request is invalid and was not applied (nothing was stored)."""
 
     reason: str
+    #: an incr on a value that is not a canonical int64 (``not_integer``)
+    not_integer: bool = False
 
 
-Step: TypeAlias = SendQuery | SendStore | IssueTag | Pending | Done | Failed | Rejected
+Step: TypeAlias = SendQuery | SendPrepare | SendStore | IssueTag | Pending | Done | Failed | Rejected
 PENDING = Pending()
 
 
@@ -110,12 +198,15 @@ class Kind(enum.Enum):
     GET = "get"
     SET = "set"
     DELETE = "delete"
+    CAS = "cas"
+    INCR = "incr"
 
 
 class Phase(enum.Enum):
     NEW = "new"
     QUERY = "query"
     TAG = "tag"
+    PREPARE = "prepare"
     STORE = "store"
     OVER = "over"
 
@@ -127,16 +218,39 @@ class Operation:
     nodes: frozenset[NodeId]
     value: bytes | None = None
     rid: bytes | None = None
+    #: cas: the value expected (None: not found); incr: unused
+    expect: bytes | None = None
+    #: incr: the step
+    by: int = 0
     #: acknowledgements a write needs; None is a majority (only the
     #: test-only fault switches change it)
     write_quorum: int | None = None
     #: skip the read write-back (test-only fault switch)
     skip_write_back: bool = False
     phase: Phase = Phase.NEW
+    #: rounds started after a refusal
+    attempts: int = 0
     _queries: Vote[QueryResult] | None = None
     _stores: Vote[bool] | None = None
     _store: SendStore | None = None
     _read: Versioned | None = None
+    #: the highest tag that refusals of the current phase reported
+    _above: Tag | None = None
+    #: what to issue the next tag for: a store (set, delete) or a prepare
+    _next: Phase = Phase.STORE
+    #: what a store phase answers once it wins
+    _answer: Done | Rejected | None = None
+    #: the tag last issued: the ballot of the current round
+    _last_tag: Tag | None = None
+    #: this op has sent an accept of its own (its rid may be on record)
+    _accepted_once: bool = False
+    #: nodes of the current phase that failed without an answer
+    _unreachable: int = 0
+    #: this op's last accept was refused by so many nodes that fewer than a
+    #: majority can have stored it (so it was never chosen as it stood)
+    _refused_by_majority: bool = False
+
+    # --- construction -----------------------------------------------------
 
     @classmethod
     def get(cls, key: Key, nodes: frozenset[NodeId], **switches: object) -> Operation:
@@ -154,75 +268,304 @@ class Operation:
     ) -> Operation:
         return cls(Kind.DELETE, key, nodes, None, rid, **switches)  # type: ignore[arg-type]
 
+    @classmethod
+    def cas(
+        cls,
+        key: Key,
+        expect: bytes | None,
+        value: bytes | None,
+        nodes: frozenset[NodeId],
+        rid: bytes,
+        **switches: object,
+    ) -> Operation:
+        return cls(Kind.CAS, key, nodes, value, rid, expect, **switches)  # type: ignore[arg-type]
+
+    @classmethod
+    def incr(cls, key: Key, by: int, nodes: frozenset[NodeId], rid: bytes, **switches: object) -> Operation:
+        return cls(Kind.INCR, key, nodes, None, rid, by=by, **switches)  # type: ignore[arg-type]
+
+    @property
+    def fingerprint(self) -> bytes:
+        """What a rid record of this request must match."""
+        if self.kind is Kind.CAS:
+            return cas_fingerprint(self.key, self.expect, self.value)
+        if self.kind is Kind.INCR:
+            return incr_fingerprint(self.key, self.by)
+        return request_fingerprint(self.key, self.value)
+
+    # --- the driver's calls -----------------------------------------------
+
     def start(self) -> Step:
         assert self.phase is Phase.NEW
+        if self.kind in (Kind.CAS, Kind.INCR):
+            return self._round(Tag.zero())
         self.phase = Phase.QUERY
         self._queries = Vote(self.nodes)
         return SendQuery(self.key, self.rid)
 
-    def receive(self, node: NodeId, reply: QueryResult | bool | None) -> Step:
-        """The outcome of ``node`` for the current phase: its reply, or
-        ``None`` if it failed (unreachable, refused, link broken)."""
+    def receive(self, node: NodeId, reply: Reply) -> Step:
+        """The outcome of ``node`` for the current phase: its reply, a
+        refusal (``Nack``), or ``None`` if it failed (unreachable,
+        recovering, link broken)."""
         phase = self.phase
-        if phase is Phase.QUERY:
+        if phase is Phase.QUERY or phase is Phase.PREPARE:
             queries = self._queries
             assert queries is not None
-            decision = queries.fail(node) if reply is None else queries.reply(node, cast(QueryResult, reply))
-            return PENDING if decision is Decision.PENDING else self._after_query(queries)
+            if type(reply) is QueryResult:
+                decision = queries.reply(node, reply)
+            else:
+                self._refused(reply)
+                decision = queries.fail(node)
+            if decision is Decision.PENDING:
+                return PENDING
+            return self._after_query(queries) if phase is Phase.QUERY else self._after_prepare(queries)
         if phase is Phase.STORE:
             stores = self._stores
             assert stores is not None
-            decision = stores.reply(node, True) if reply else stores.fail(node)
+            if reply is True:
+                decision = stores.reply(node, True)
+            else:
+                self._refused(reply)
+                decision = stores.fail(node)
             return PENDING if decision is Decision.PENDING else self._after_store(stores)
         return PENDING  # a straggler of a finished phase
 
     def tag_issued(self, tag: Tag) -> Step:
         assert self.phase is Phase.TAG
-        return self._store_phase(SendStore(self.key, Versioned(tag, self.value), self.rid))
+        self._last_tag = tag
+        if self._next is Phase.PREPARE:
+            self.phase = Phase.PREPARE
+            self._queries = Vote(self.nodes)
+            self._above = None
+            self._unreachable = 0
+            return SendPrepare(self.key, tag, self.rid)
+        notes = () if self.rid is None else (RidNote(rid=self.rid, request=self.fingerprint, tag=tag),)
+        return self._store_phase(SendStore(self.key, Versioned(tag, self.value), notes))
+
+    # --- phases -----------------------------------------------------------
+
+    def _refused(self, reply: Reply) -> None:
+        if isinstance(reply, Nack):
+            if self._above is None or reply.above > self._above:
+                self._above = reply.above
+        else:
+            self._unreachable += 1
 
     def _after_query(self, votes: Vote[QueryResult]) -> Step:
         if votes.decision is Decision.LOST:
             return self._fail(votes)
-        replies = votes.replies.values()
+        replies = list(votes.replies.values())
         if self.kind is Kind.GET:
-            outcome = read_outcome([v for v, _ in replies], votes.needed)
+            outcome = read_outcome([r.version for r in replies], votes.needed)
             self._read = winner = outcome.winner
             if winner is None or not outcome.write_back or self.skip_write_back:
                 self.phase = Phase.OVER
                 return Done(winner)
-            return self._store_phase(SendStore(self.key, winner, None))
-        seen = [record for _, record in replies if record is not None]
+            self._answer = Done(winner, wrote_back=True)
+            return self._store_phase(SendStore(self.key, winner, _lineage_of(replies, winner.tag)))
+        seen = [r.rid_seen for r in replies if r.rid_seen is not None]
         if seen:
-            mine = request_fingerprint(self.key, self.value)
-            if any(request != mine for _, request in seen):
+            mine = self.fingerprint
+            if any(note.request != mine for note in seen):
                 # Nothing has been stored yet, so refusing is definite.
                 self.phase = Phase.OVER
-                return Rejected("this rid was already used for a different write (key or value)")
+                return Rejected("this rid was already used for a different request (op, key or value)")
             # A retry of a write some node already stored: finish that one,
             # under its tag (the value is the same: same fingerprint).
-            tag = max(tag for tag, _ in seen)
-            return self._store_phase(SendStore(self.key, Versioned(tag, self.value), self.rid))
-        self.phase = Phase.TAG
-        return IssueTag(max((v.tag for v, _ in replies if v is not None), default=Tag.zero()))
+            note = max(seen, key=lambda n: n.tag)
+            return self._store_phase(SendStore(self.key, Versioned(note.tag, self.value), (note,)))
+        return self._issue(_highest_known(replies))
+
+    def _after_prepare(self, votes: Vote[QueryResult]) -> Step:
+        if votes.decision is Decision.LOST:
+            return self._retry_or_fail(votes)
+        replies = list(votes.replies.values())
+        outcome = read_outcome([r.version for r in replies], votes.needed)
+        current = outcome.winner
+        on_majority = not outcome.write_back
+        ballot = self._ballot
+        if current is not None and current.tag >= ballot:
+            # Stored above this ballot since its promise was made: go higher.
+            return self._round(current.tag)
+        carried = _lineage_of(replies, current.tag) if current is not None else ()
+        if self.kind is Kind.GET:
+            # A read finishing by a round of its own (see the docstring).
+            if current is None or on_majority:
+                self.phase = Phase.OVER
+                return Done(current, wrote_back=True)
+            version = Versioned(ballot, current.value)
+            self._answer = Done(version, wrote_back=True)
+            return self._store_phase(SendStore(self.key, version, carried))
+        recorded = self._recorded(replies, current, votes.needed)
+        if recorded is not None:
+            return recorded
+        value = current.value if current is not None else None
+        if self.kind is Kind.CAS:
+            swap = apply_cas(value, self.expect, self.value)
+            if swap.swapped:
+                return self._accept(swap.value, None, carried)
+            return self._answer_read(current, on_majority, carried, None)
+        try:
+            added = apply_incr(value, self.by)
+        except NotAnInteger as exc:
+            return self._answer_read(current, on_majority, carried, Rejected(str(exc), not_integer=True))
+        return self._accept(added.value, added.number, carried)
+
+    def _recorded(
+        self, replies: Sequence[QueryResult], current: Versioned | None, needed: int
+    ) -> Step | None:
+        """The rid found on record by this prepare majority: finish that
+        write and answer from its record rather than apply it twice; or
+        ``None``: it did not take effect, apply it."""
+        seen = [r.rid_seen for r in replies if r.rid_seen is not None]
+        if not seen:
+            return None
+        if any(note.request != self.fingerprint for note in seen):
+            if self._accepted_once:
+                return self._over(Failed("conflicting records of this request id (outcome unknown)"))
+            return self._over(Rejected("this rid was already used for a different request (op, key or args)"))
+        note = max(seen, key=lambda n: n.tag)
+        assert current is not None  # a node that stored the write holds a version
+        lineage = _lineage_of(replies, current.tag)
+        built_on = next((n for n in lineage if n.rid == self.rid), None)
+        if built_on is not None or current.tag == note.tag:
+            # The current version is that write, or was built on it: it took
+            # effect once the current version is on a majority.
+            answer = self._from_note(built_on or note)
+            if sum(1 for r in replies if r.version is not None and r.version.tag == current.tag) >= needed:
+                return self._over(answer)
+            self._answer = answer
+            version = Versioned(self._ballot, current.value)
+            return self._store_phase(SendStore(self.key, version, lineage))
+        if len(seen) >= needed:
+            # Every node of a majority stored that write: it took effect,
+            # and later writes went over it.
+            return self._over(self._from_note(note))
+        if self._refused_by_majority:
+            # This op's own accept was refused by a majority (each said so):
+            # what a minority stored was never chosen, and no version built
+            # on it (the lineage says so). Apply it afresh.
+            return None
+        return self._over(
+            Failed("a previous attempt of this request may or may not have taken effect (outcome unknown)")
+        )
+
+    def _from_note(self, note: RidNote) -> Done:
+        if self.kind is Kind.INCR:
+            assert note.result is not None
+            return Done(IncrResult(note.result, note.tag))
+        return Done(CasResult(True, Versioned(note.tag, self.value)))
+
+    def _accept(self, value: bytes | None, result: int | None, carried: tuple[RidNote, ...]) -> Step:
+        ballot = self._ballot
+        assert self.rid is not None
+        note = RidNote(rid=self.rid, request=self.fingerprint, tag=ballot, result=result)
+        self._accepted_once = True
+        if self.kind is Kind.INCR:
+            assert result is not None
+            self._answer = Done(IncrResult(result, ballot))
+        else:
+            self._answer = Done(CasResult(True, Versioned(ballot, value)))
+        return self._store_phase(SendStore(self.key, Versioned(ballot, value), (note, *carried)))
+
+    def _answer_read(
+        self,
+        current: Versioned | None,
+        on_majority: bool,
+        carried: tuple[RidNote, ...],
+        rejection: Rejected | None,
+    ) -> Step:
+        """Answer from the current version without changing it: at once when
+        a majority holds it, else after storing it under the ballot."""
+        if current is None or on_majority:
+            return self._over(rejection or Done(CasResult(False, current)))
+        version = Versioned(self._ballot, current.value)
+        self._answer = rejection or Done(CasResult(False, version))
+        return self._store_phase(SendStore(self.key, version, carried))
 
     def _store_phase(self, store: SendStore) -> Step:
         self.phase = Phase.STORE
-        quorum = self.write_quorum if self.kind is not Kind.GET else None
+        quorum = self.write_quorum if self.kind in (Kind.SET, Kind.DELETE) else None
         self._stores = Vote(self.nodes, quorum=quorum)
         self._store = store
+        self._above = None
+        self._unreachable = 0
         return store
 
     def _after_store(self, votes: Vote[bool]) -> Step:
-        assert self._store is not None
+        store = self._store
+        assert store is not None
         if votes.decision is Decision.LOST:
+            return self._retry_or_fail(votes)
+        if self._answer is not None:
+            return self._over(self._answer)
+        return self._over(Done(store.version.tag))
+
+    def _retry_or_fail(self, votes: Vote[QueryResult] | Vote[bool]) -> Step:
+        """A lost phase: refused by some node (a higher tag or promise got
+        there first), a new try goes above; unreachable nodes alone fail."""
+        above = self._above
+        if above is None:
             return self._fail(votes)
+        if votes is self._stores:
+            # Refusals alone (not nodes that may have stored it unheard)
+            # left fewer than a majority able to accept.
+            refusals = len(votes.failures) - self._unreachable
+            self._refused_by_majority = self._accepted_once and refusals > len(self.nodes) - votes.needed
+        self.attempts += 1
+        if self.kind in (Kind.SET, Kind.DELETE):
+            return self._issue(above)
+        return self._round(above)
+
+    def _issue(self, seen: Tag) -> Step:
+        self.phase = Phase.TAG
+        self._next = Phase.STORE
+        return IssueTag(self.key, seen, self.attempts)
+
+    def _round(self, seen: Tag) -> Step:
+        """A CASPaxos round (cas, incr, or a read that must finish by one)."""
+        self.phase = Phase.TAG
+        self._next = Phase.PREPARE
+        self._answer = None
+        return IssueTag(self.key, seen, self.attempts)
+
+    @property
+    def _ballot(self) -> Tag:
+        """The ballot of the current round (the tag it was issued)."""
+        assert self._last_tag is not None
+        return self._last_tag
+
+    def _over(self, step: Done | Failed | Rejected) -> Step:
         self.phase = Phase.OVER
-        if self.kind is Kind.GET:
-            return Done(self._read, wrote_back=True)
-        return Done(self._store.version.tag)
+        return step
 
     def _fail(self, votes: Vote[QueryResult] | Vote[bool]) -> Failed:
         self.phase = Phase.OVER
         return Failed(
             f"{len(votes.failures)} of {len(self.nodes)} nodes failed; a majority ({votes.needed}) is needed"
         )
+
+
+def _highest_known(replies: Sequence[QueryResult]) -> Tag:
+    """The highest tag or promise a query majority reported."""
+    highest = Tag.zero()
+    for r in replies:
+        version, promise = r.version, r.promise
+        if version is not None and version.tag > highest:
+            highest = version.tag
+        if promise is not None and promise > highest:
+            highest = promise
+    return highest
+
+
+def _lineage_of(replies: Sequence[QueryResult], tag: Tag) -> tuple[RidNote, ...]:
+    """The rid notes that came with version ``tag``, as the nodes that hold
+    it report them: they travel on with the version, and with a version
+    built on it (bounded to ``LINEAGE``)."""
+    notes: dict[bytes, RidNote] = {}
+    for r in replies:
+        version = r.version
+        if version is not None and version.tag == tag:
+            for note in r.lineage:
+                notes.setdefault(note.rid, note)
+    return tuple(sorted(notes.values(), key=lambda n: n.tag, reverse=True)[:LINEAGE])
