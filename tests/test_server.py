@@ -60,7 +60,12 @@ async def ping_ok(address: Address) -> None:
         await conn.aclose()
 
 
-@pytest.mark.parametrize("vector", VECTORS["invalid"], ids=[v["name"] for v in VECTORS["invalid"]])
+#: version 1's frames and those added with atomic updates (2026-12-02)
+INVALID = VECTORS["invalid"] + VECTORS["atomic"]["invalid"]
+VALID_REQUESTS = [v for v in VECTORS["valid"] + VECTORS["atomic"]["valid"] if "op" in v["decoded"]]
+
+
+@pytest.mark.parametrize("vector", INVALID, ids=[v["name"] for v in INVALID])
 async def test_invalid_vector_gets_its_error(
     cluster: LocalCluster, vector: dict[str, Any], connect: Connect
 ) -> None:
@@ -83,11 +88,7 @@ async def test_invalid_vector_gets_its_error(
     await ping_ok(address)
 
 
-@pytest.mark.parametrize(
-    "vector",
-    [v for v in VECTORS["valid"] if "op" in v["decoded"]],
-    ids=[v["name"] for v in VECTORS["valid"] if "op" in v["decoded"]],
-)
+@pytest.mark.parametrize("vector", VALID_REQUESTS, ids=[v["name"] for v in VALID_REQUESTS])
 async def test_valid_request_vector_is_served(
     cluster: LocalCluster, vector: dict[str, Any], connect: Connect
 ) -> None:
@@ -101,6 +102,8 @@ async def test_valid_request_vector_is_served(
         "get": {"found", "value", "tag"},
         "set": {"tag"},
         "delete": {"tag"},
+        "cas": {"swapped", "found", "value", "tag"},
+        "incr": {"value", "tag"},
     }[vector["decoded"]["op"]]
     assert expected_keys <= reply.keys()
 
