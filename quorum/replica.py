@@ -388,7 +388,13 @@ class Replica:
         meta_waiters, self._meta_waiters = self._meta_waiters, []
         meta = self._head_meta if meta_waiters else None
         now = time.time()
-        new_state, changed = apply_updates(self._head, ((u.key, u.version) for u, _ in queue))
+        # The tip is the head with everything queued merged in already
+        # (``offer`` and ``submit`` keep it so): it is the new head, and the
+        # rows to write are the queued versions it holds (a duplicate, or a
+        # version overtaken in the same batch, is not one of them).
+        new_state = self._tip
+        latest = {u.key: u.version for u, _ in queue if new_state.get(u.key) is u.version}
+        changed = list(latest.items())
         records = [
             RidRecord(rid=n.rid, request=n.request, tag=n.tag, at=now, result=n.result)
             for u, _ in queue

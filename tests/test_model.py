@@ -291,8 +291,8 @@ def test_rid_table_count_bound_drops_oldest_first() -> None:
     ("modules", "forbidden"),
     [
         (["register", "register.rids", "register.state", "quorum.protocol", "net.framing"], "trio"),
-        (["quorum.protocol.decide", "quorum.protocol.operation"], "trio"),
-        (["quorum.protocol.decide", "quorum.protocol.operation"], "msgpack"),
+        (["quorum.protocol.acceptor", "quorum.protocol.atomic", "quorum.protocol.operation"], "trio"),
+        (["quorum.protocol.acceptor", "quorum.protocol.atomic", "quorum.protocol.operation"], "msgpack"),
         (["net.codec", "net.messages", "net.errors"], "trio"),
         (["register", "register.rids", "register.state", "register.sqlite_store"], "msgpack"),
     ],
