@@ -4,9 +4,6 @@ and the command as users run it (``--local``, ``--json``, usage errors).
 
 No assertion here is on throughput: counts, shapes and orderings only, and
 upper bounds that hold by construction.
-
-The incr and cas workloads are skipped against nodes that do not execute
-cas and incr yet (before the CASPaxos core).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import cli.bench
 import net.client
 from cli.bench import Workload, run_load
 from cli.histogram import SUB, Histogram
-from net.errors import BadRequest, PeerUnavailable, UnknownOp
+from net.errors import PeerUnavailable
 from net.messages import Cas, Incr
 from quorum.cluster import LocalCluster, open_cluster
 from tests.support.procs import QkvResult, free_ports, run_qkv_many
@@ -301,16 +298,6 @@ async def test_a_run_that_loses_every_connection_says_so(cluster: LocalCluster) 
             await run_load(cluster.addresses, small(clients=2, duration=5.0), False)
 
 
-async def skip_without_atomic_core(cluster: LocalCluster) -> None:
-    async with cluster.client() as c:
-        try:
-            await c.incr(b"atomic core probe", 0)
-        except (UnknownOp, BadRequest) as exc:
-            if isinstance(exc, BadRequest) and "not a client request" not in exc.message:
-                raise
-            pytest.skip("the nodes do not execute cas/incr yet: waiting for the CASPaxos core")
-
-
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[type]:
     """The type of every request the load sends."""
@@ -332,8 +319,6 @@ async def test_the_mixed_workload_says_so(cluster: LocalCluster) -> None:
 
 
 async def test_incr_workload_counts_every_incr(cluster: LocalCluster, sent: list[type]) -> None:
-    await skip_without_atomic_core(cluster)
-    sent.clear()
     work = small(kind="incr", requests=40, keys=5)
     report = await load(cluster, work)
     assert_sane(report)
@@ -351,8 +336,6 @@ async def test_incr_workload_counts_every_incr(cluster: LocalCluster, sent: list
 
 @pytest.mark.parametrize("keys", [2, 5000], ids=["contended", "uncontended"])
 async def test_cas_workload_loops_without_reads(cluster: LocalCluster, sent: list[type], keys: int) -> None:
-    await skip_without_atomic_core(cluster)
-    sent.clear()
     report = await load(cluster, small(kind="cas", requests=60, keys=keys))
     assert_sane(report)
     assert report["workload"] == "cas"
@@ -447,12 +430,6 @@ def test_bench_against_an_unreachable_node_says_so_in_one_line(runs: dict[str, Q
     assert "Traceback" not in result.stderr
 
 
-def skip_if_not_executed(lines: list[str]) -> None:
-    errors = next(line for line in lines if line.startswith("errors:"))
-    if "bad_request" in errors and any(" (0 ops in " in line for line in lines):
-        pytest.skip("the nodes do not execute cas/incr yet: waiting for the CASPaxos core")
-
-
 def latency_line(lines: list[str]) -> None:
     latency = [line for line in lines if line.startswith("latency ms:")]
     assert len(latency) == 1, lines
@@ -463,7 +440,6 @@ def latency_line(lines: list[str]) -> None:
 @pytest.mark.subprocess
 def test_bench_incr_workload(runs: dict[str, QkvResult]) -> None:
     lines = assert_done(runs["incr"])
-    skip_if_not_executed(lines)
     assert lines[0] == "workload: 2 clients x 2 in flight, 5000 keys (uniform), incr by 1", lines
     throughput = next(line for line in lines if line.startswith("throughput:"))
     assert re.search(r" ops/s \([\d,]+ ops in [\d.]+ s: [\d,]+ incrs\)$", throughput), throughput
@@ -474,7 +450,6 @@ def test_bench_incr_workload(runs: dict[str, QkvResult]) -> None:
 @pytest.mark.subprocess
 def test_bench_cas_workload(runs: dict[str, QkvResult]) -> None:
     lines = assert_done(runs["cas"])
-    skip_if_not_executed(lines)
     assert lines[0] == (
         "workload: 2 clients x 2 in flight, 10 keys (uniform), read-free cas loops, 100 B values"
     ), lines

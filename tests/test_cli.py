@@ -2,9 +2,8 @@
 
 Client commands against a 3-process cluster, exit statuses and one-line
 messages, start-up failures of ``serve``, SIGTERM/SIGINT, ``status``,
-``qkv cluster`` and ``--help``. The atomic commands (``cas``, ``incr``,
-``set --if-absent``) are skipped against nodes that do not execute them
-yet (before the CASPaxos core); their usage errors are tested regardless.
+``qkv cluster`` and ``--help``; the atomic commands ``cas``, ``incr`` and
+``set --if-absent``.
 """
 
 from __future__ import annotations
@@ -123,98 +122,88 @@ def test_client_fails_over_from_a_dead_address_to_a_live_one(cluster: ProcCluste
 # --- atomic updates: cas, incr, set --if-absent ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def atomic(cluster: ProcCluster) -> ProcCluster:
-    """The cluster, if its nodes execute cas and incr (else skip)."""
-    probe = run_qkv("incr", "atomic core probe", "0", "--nodes", cluster.nodes_arg)
-    if probe.returncode == 2 and ("not a client request" in probe.stderr or "unknown_op" in probe.stderr):
-        pytest.skip("the nodes do not execute cas/incr yet: waiting for the CASPaxos core")
-    assert (probe.returncode, probe.stdout) == (0, b"0\n"), probe
-    return cluster
-
-
-def test_cas_swaps_through_any_node_and_exits_0(atomic: ProcCluster) -> None:
-    assert run_qkv("set", "cas-k", "v1", "--nodes", atomic.address(0)).returncode == 0
-    swapped = run_qkv("cas", "cas-k", "--expect", "v1", "--value", VALUE, "--nodes", atomic.address(1))
+def test_cas_swaps_through_any_node_and_exits_0(cluster: ProcCluster) -> None:
+    assert run_qkv("set", "cas-k", "v1", "--nodes", cluster.address(0)).returncode == 0
+    swapped = run_qkv("cas", "cas-k", "--expect", "v1", "--value", VALUE, "--nodes", cluster.address(1))
     assert (swapped.returncode, swapped.stdout, swapped.stderr) == (0, b"", ""), swapped
-    got = run_qkv("get", "cas-k", "--nodes", atomic.address(2))
+    got = run_qkv("get", "cas-k", "--nodes", cluster.address(2))
     assert (got.returncode, got.stdout) == (0, VALUE.encode()), got
 
 
-def test_cas_that_does_not_swap_exits_1_and_prints_the_current_value(atomic: ProcCluster) -> None:
-    assert run_qkv("set", "cas-no", VALUE, "--nodes", atomic.address(0)).returncode == 0
-    missed = run_qkv("cas", "cas-no", "--expect", "other", "--value", "new", "--nodes", atomic.nodes_arg)
+def test_cas_that_does_not_swap_exits_1_and_prints_the_current_value(cluster: ProcCluster) -> None:
+    assert run_qkv("set", "cas-no", VALUE, "--nodes", cluster.address(0)).returncode == 0
+    missed = run_qkv("cas", "cas-no", "--expect", "other", "--value", "new", "--nodes", cluster.nodes_arg)
     line = assert_one_line(missed, code=1)
     assert "not swapped" in line
     assert missed.stdout == VALUE.encode()  # as get prints it: no newline added
-    taken = run_qkv("cas", "cas-no", "--expect-absent", "--value", "new", "--nodes", atomic.nodes_arg)
+    taken = run_qkv("cas", "cas-no", "--expect-absent", "--value", "new", "--nodes", cluster.nodes_arg)
     assert_one_line(taken, code=1)
     assert taken.stdout == VALUE.encode()
-    got = run_qkv("get", "cas-no", "--nodes", atomic.address(1))
+    got = run_qkv("get", "cas-no", "--nodes", cluster.address(1))
     assert (got.returncode, got.stdout) == (0, VALUE.encode()), got
 
 
-def test_cas_on_an_absent_key(atomic: ProcCluster) -> None:
-    missed = run_qkv("cas", "cas-absent", "--expect", "v", "--value", "w", "--nodes", atomic.nodes_arg)
+def test_cas_on_an_absent_key(cluster: ProcCluster) -> None:
+    missed = run_qkv("cas", "cas-absent", "--expect", "v", "--value", "w", "--nodes", cluster.nodes_arg)
     line = assert_one_line(missed, code=1)
     assert missed.stdout == b"" and "not found" in line
-    created = run_qkv("cas", "cas-absent", "--expect-absent", "--value", "", "--nodes", atomic.address(2))
+    created = run_qkv("cas", "cas-absent", "--expect-absent", "--value", "", "--nodes", cluster.address(2))
     assert (created.returncode, created.stdout, created.stderr) == (0, b"", ""), created
-    got = run_qkv("get", "cas-absent", "--nodes", atomic.address(0))
+    got = run_qkv("get", "cas-absent", "--nodes", cluster.address(0))
     assert (got.returncode, got.stdout) == (0, b""), got  # the empty value, found
 
 
-def test_cas_delete_if_unchanged(atomic: ProcCluster) -> None:
-    assert run_qkv("set", "cas-del", "mine", "--nodes", atomic.address(0)).returncode == 0
-    kept = run_qkv("cas", "cas-del", "--expect", "theirs", "--delete", "--nodes", atomic.address(1))
+def test_cas_delete_if_unchanged(cluster: ProcCluster) -> None:
+    assert run_qkv("set", "cas-del", "mine", "--nodes", cluster.address(0)).returncode == 0
+    kept = run_qkv("cas", "cas-del", "--expect", "theirs", "--delete", "--nodes", cluster.address(1))
     assert_one_line(kept, code=1)
     assert kept.stdout == b"mine"
-    deleted = run_qkv("cas", "cas-del", "--expect", "mine", "--delete", "--nodes", atomic.address(1))
+    deleted = run_qkv("cas", "cas-del", "--expect", "mine", "--delete", "--nodes", cluster.address(1))
     assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, b"", ""), deleted
-    assert_one_line(run_qkv("get", "cas-del", "--nodes", atomic.address(2)), code=1)
+    assert_one_line(run_qkv("get", "cas-del", "--nodes", cluster.address(2)), code=1)
 
 
-def test_set_if_absent_writes_once(atomic: ProcCluster) -> None:
-    first = run_qkv("set", "once", VALUE, "--if-absent", "--nodes", atomic.address(0))
+def test_set_if_absent_writes_once(cluster: ProcCluster) -> None:
+    first = run_qkv("set", "once", VALUE, "--if-absent", "--nodes", cluster.address(0))
     assert (first.returncode, first.stdout, first.stderr) == (0, b"", ""), first
-    second = run_qkv("set", "once", "later", "--if-absent", "--nodes", atomic.address(1))
+    second = run_qkv("set", "once", "later", "--if-absent", "--nodes", cluster.address(1))
     assert_one_line(second, code=1)
     assert second.stdout == VALUE.encode()
-    got = run_qkv("get", "once", "--nodes", atomic.address(2))
+    got = run_qkv("get", "once", "--nodes", cluster.address(2))
     assert (got.returncode, got.stdout) == (0, VALUE.encode()), got
     # after a delete the key is absent again
-    assert run_qkv("delete", "once", "--nodes", atomic.address(0)).returncode == 0
-    again = run_qkv("set", "once", "again", "--if-absent", "--nodes", atomic.address(1))
+    assert run_qkv("delete", "once", "--nodes", cluster.address(0)).returncode == 0
+    again = run_qkv("set", "once", "again", "--if-absent", "--nodes", cluster.address(1))
     assert again.returncode == 0, again
 
 
-def test_incr_prints_each_new_value_in_decimal(atomic: ProcCluster) -> None:
+def test_incr_prints_each_new_value_in_decimal(cluster: ProcCluster) -> None:
     steps = [([], b"1\n"), (["5"], b"6\n"), (["-10"], b"-4\n"), (["0"], b"-4\n"), (["--", "-6"], b"-10\n")]
     for i, (by, printed) in enumerate(steps):
-        result = run_qkv("incr", "counter", "--nodes", atomic.address(i % 3), *by)
+        result = run_qkv("incr", "counter", "--nodes", cluster.address(i % 3), *by)
         assert (result.returncode, result.stdout, result.stderr) == (0, printed, ""), (by, result)
     # options after a negative BY still parse
-    result = run_qkv("incr", "counter", "-1", "--nodes", atomic.address(0), "--timeout", "5")
+    result = run_qkv("incr", "counter", "-1", "--nodes", cluster.address(0), "--timeout", "5")
     assert (result.returncode, result.stdout) == (0, b"-11\n"), result
-    got = run_qkv("get", "counter", "--nodes", atomic.address(2))
+    got = run_qkv("get", "counter", "--nodes", cluster.address(2))
     assert (got.returncode, got.stdout) == (0, b"-11"), got
 
 
-def test_incr_of_a_non_integer_exits_1_and_changes_nothing(atomic: ProcCluster) -> None:
-    assert run_qkv("set", "text", "05", "--nodes", atomic.address(0)).returncode == 0
-    result = run_qkv("incr", "text", "--nodes", atomic.address(1))
+def test_incr_of_a_non_integer_exits_1_and_changes_nothing(cluster: ProcCluster) -> None:
+    assert run_qkv("set", "text", "05", "--nodes", cluster.address(0)).returncode == 0
+    result = run_qkv("incr", "text", "--nodes", cluster.address(1))
     line = assert_one_line(result, code=1)
     assert result.stdout == b"" and "not_integer" in line
-    got = run_qkv("get", "text", "--nodes", atomic.address(2))
+    got = run_qkv("get", "text", "--nodes", cluster.address(2))
     assert (got.returncode, got.stdout) == (0, b"05"), got
 
 
-def test_incr_overflow_exits_1(atomic: ProcCluster) -> None:
+def test_incr_overflow_exits_1(cluster: ProcCluster) -> None:
     top = str(2**63 - 1)
-    assert run_qkv("set", "top", top, "--nodes", atomic.address(0)).returncode == 0
-    result = run_qkv("incr", "top", "--nodes", atomic.address(1))
+    assert run_qkv("set", "top", top, "--nodes", cluster.address(0)).returncode == 0
+    result = run_qkv("incr", "top", "--nodes", cluster.address(1))
     assert "not_integer" in assert_one_line(result, code=1)
-    assert run_qkv("get", "top", "--nodes", atomic.address(2)).stdout == top.encode()
+    assert run_qkv("get", "top", "--nodes", cluster.address(2)).stdout == top.encode()
 
 
 # --- status -------------------------------------------------------------------------------

@@ -8,11 +8,6 @@ both ends of the signed 64-bit range; request ids: a retry with the same
 rid answers the first result without applying again (also through the
 client's own fail-over, after a lost reply), and the same rid for another
 request is bad_request. Definite errors are not retried on another node.
-
-Until the nodes execute cas and incr (the CASPaxos core), a node refuses
-them as "not a client request" (or, from an older node, ``unknown_op``):
-the tests that need the core are then skipped, saying so. Once the core
-is on main, this guard is to be removed so that a refusal fails.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ import trio
 import net.client
 from net.address import Address
 from net.client import MAX_INT64, MIN_INT64, CasResult, Client, open_client
-from net.errors import BadRequest, NotInteger, UnknownOp
+from net.errors import BadRequest, NotInteger
 from quorum.cluster import LocalCluster, open_cluster
 from register.model import Tag
 
@@ -39,24 +34,11 @@ async def wait_serving(cluster: LocalCluster, i: int) -> None:
             await trio.sleep(0.01)
 
 
-async def skip_without_atomic_core(cluster: LocalCluster) -> None:
-    async with cluster.client() as c:
-        try:
-            await c.incr(b"atomic core probe", 0)
-        except UnknownOp:
-            pytest.skip("the nodes do not know cas/incr (unknown_op): waiting for the core")
-        except BadRequest as exc:
-            if "not a client request" not in exc.message:
-                raise
-            pytest.skip("the nodes do not execute cas/incr yet: waiting for the CASPaxos core")
-
-
 @pytest.fixture
 async def cluster() -> AsyncIterator[LocalCluster]:
     async with open_cluster(3, request_timeout=1.0) as c:
         for i in range(c.size):
             await wait_serving(c, i)
-        await skip_without_atomic_core(c)
         yield c
 
 
