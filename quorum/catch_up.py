@@ -106,6 +106,11 @@ async def catch_up(replica: Replica, links: dict[NodeId, PeerLink]) -> None:
         # copied; jumping far above makes reissuing that tag impossible in
         # practice (it would take 2**32 lost unacknowledged writes).
         replica.raise_floor(highest_counter(replica.state) + LOST_COUNTER_MARGIN)
+        # It may have lost its promises with the disk, too: a ballot it
+        # promised carries a counter that some coordinator issued above the
+        # tags it saw; the same margin covers it, and refusing every store
+        # and ballot below it keeps what it promised.
+        replica.raise_promise_floor(highest_counter(replica.state) + LOST_COUNTER_MARGIN)
     await replica.mark_ready()
     log.warning(
         "node %s caught up from %s and is serving",

@@ -331,9 +331,21 @@ class Replica:
     def raise_floor(self, counter: int) -> None:
         self._floor = max(self._floor, counter)
 
+    def raise_promise_floor(self, counter: int) -> None:
+        """Take every register as promised up to ``counter`` (a node whose
+        data dir was lost has forgotten its promises too); made durable by
+        ``mark_ready``."""
+        self.promise_floor = max(self.promise_floor, floor_after(counter))
+        self._floor = max(self._floor, self.promise_floor.counter)
+
     async def mark_ready(self) -> None:
         await self.set_meta(
-            attrs.evolve(self.meta, ready=True, counter_reserved=max(self.meta.counter_reserved, self._floor))
+            attrs.evolve(
+                self.meta,
+                ready=True,
+                counter_reserved=max(self.meta.counter_reserved, self._floor),
+                promise_reserved=max(self.meta.promise_reserved, self.promise_floor.counter - 1),
+            )
         )
 
     # --- the commit task ---------------------------------------------------

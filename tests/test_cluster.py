@@ -201,6 +201,24 @@ async def test_wiped_node_catches_up_before_serving(cluster: LocalCluster) -> No
         assert (await client.get(b"k299")).value == b"v299"
 
 
+async def test_a_wiped_node_refuses_what_it_may_have_promised(cluster: LocalCluster) -> None:
+    """Its promises went with its disk: once caught up it takes every
+    register as promised above all it copied, and the cluster still counts."""
+    async with cluster.client([1]) as client:
+        for _ in range(5):
+            await client.incr(b"counter")
+    await cluster.stop(0)
+    cluster.wipe(0)
+    node = await cluster.start(0)
+    await wait_serving(cluster, 0)
+    copied = node.replica.state[Key(b"counter")].tag
+    assert node.replica.promise_floor > copied
+    assert node.replica.meta.promise_reserved >= node.replica.promise_floor.counter - 1
+    async with cluster.client([0]) as client:
+        assert (await client.incr(b"counter")).value == 6
+        assert (await client.cas(b"counter", b"6", b"7")).swapped
+
+
 async def test_a_rid_reused_for_a_different_write_is_refused(cluster: LocalCluster) -> None:
     from net.errors import BadRequest
 
