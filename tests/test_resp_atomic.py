@@ -1,6 +1,6 @@
 """The atomic commands of RESP: ``SET`` with ``NX``/``XX``/``GET``,
 ``SETNX``, ``GETSET``, ``GETDEL``, ``INCR``, ``DECR``, ``INCRBY``,
-``DECRBY``.
+``DECRBY``, and ``DEL`` as one atomic step per key.
 
 Two back ends:
 
@@ -13,9 +13,6 @@ Two back ends:
   RESP3), raw bytes (exact replies and error texts), ``redis-cli`` and
   ``redis-benchmark``, with concurrent clients on one key through
   different nodes.
-
-The cluster tests need nodes that execute cas and incr: on a node that
-refuses them they are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -40,8 +37,6 @@ import trio
 import trio.lowlevel
 
 from net.address import Address
-from net.client import Client
-from net.errors import BadRequest, UnknownOp
 from net.messages import (
     Cas,
     CasReply,
@@ -189,27 +184,13 @@ async def model() -> AsyncIterator[tuple[ModelNode, Address]]:
 # --- a real cluster ---------------------------------------------------------------------
 
 
-async def skip_without_atomic_core(client: Client) -> None:
-    try:
-        await client.incr(b"atomic core probe", 0)
-    except UnknownOp:
-        pytest.skip("the nodes do not know cas/incr (unknown_op): waiting for the core")
-    except BadRequest as exc:
-        if "not a client request" not in exc.message:
-            raise
-        pytest.skip("the nodes do not execute cas/incr yet: waiting for the core")
-
-
 @asynccontextmanager
 async def atomic_cluster() -> AsyncIterator[LocalCluster]:
-    """3 nodes serving RESP, once they all serve (skips the test if they do
-    not execute cas and incr)."""
+    """3 nodes serving RESP, once they all serve."""
     async with open_cluster(3, resp=True, request_timeout=2.0, max_value=MAX_VALUE, max_frame=MAX_FRAME) as c:
         with trio.fail_after(10):
             while not all(c.node(i).state == "serving" for i in range(3)):
                 await trio.sleep(0.01)
-        async with c.client() as client:
-            await skip_without_atomic_core(client)
         yield c
 
 
@@ -479,10 +460,11 @@ async def test_a_value_changed_under_the_command_is_retried_and_the_old_value_is
         node.before_cas = lambda request: node.data.pop(b"k", None)
         assert await raw.ask(("SET", "k", "again", "XX")) is None
         assert b"k" not in node.data
-        # GETDEL: the key deleted under it was not deleted by it.
-        node.data[b"k"] = b"v"
-        assert await raw.ask(("GETDEL", "k")) is None
-        assert b"k" not in node.data
+        # DEL and GETDEL: the key deleted under them was not deleted by them.
+        for args, expected in [(("DEL", "k"), 0), (("GETDEL", "k"), None)]:
+            node.data[b"k"] = b"v"
+            assert await raw.ask(args) == expected
+            assert b"k" not in node.data
     finally:
         await raw.aclose()
 
@@ -743,8 +725,8 @@ async def test_concurrent_incr_from_many_clients_through_different_nodes_adds_up
 async def test_concurrent_getset_setnx_getdel_del_are_atomic(cluster: LocalCluster) -> None:
     """Nine clients through the three nodes at once, on one key each time:
     GETSET hands every value it replaced to exactly one caller; of many
-    SETNX exactly one wins; of many GETDEL of one value exactly one gets
-    it."""
+    SETNX exactly one wins; of many GETDEL, or DEL, of one value exactly
+    one gets it."""
     clients, each = 9, 10
 
     # GETSET: the old values returned, plus the value left at the end, are
@@ -764,10 +746,14 @@ async def test_concurrent_getset_setnx_getdel_del_are_atomic(cluster: LocalClust
     assert len(winners) == 1
     assert await through(cluster, 2, lambda r: r.get("nx")) == f"w{winners[0]}".encode()
 
-    # GETDEL of one value, six rounds: exactly one caller gets it.
+    # GETDEL and DEL of one value, six rounds: exactly one caller gets it.
     for round_ in range(6):
         value = f"round{round_}".encode()
         await through(cluster, round_ % 3, setter("gd", value))
-        got = await from_many(cluster, clients, lambda r, i: r.getdel("gd"))
-        assert Counter(got) == Counter({None: clients - 1, value: 1})
+        if round_ % 2:
+            counts = await from_many(cluster, clients, lambda r, i: r.delete("gd"))
+            assert sorted(counts) == [0] * (clients - 1) + [1]
+        else:
+            got = await from_many(cluster, clients, lambda r, i: r.getdel("gd"))
+            assert Counter(got) == Counter({None: clients - 1, value: 1})
         assert await through(cluster, (round_ + 1) % 3, lambda r: r.exists("gd")) == 0

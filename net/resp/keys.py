@@ -5,7 +5,10 @@ Invariants:
 - a key named twice is worked on once; ``EXISTS`` still counts it twice,
   as Redis does, and ``DEL`` once;
 - keys are worked on concurrently (``native.each``), each key on its own:
-  the count is a sum of per-key results, not one snapshot of all keys.
+  the count is a sum of per-key results, not one snapshot of all keys;
+- ``DEL`` deletes each key in one atomic step (``native.swap``): a key
+  counts if and only if this command deleted a value it held, so two
+  concurrent ``DEL`` of one key count it once between them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ def del_(client: Client, args: list[bytes]) -> bytes | Job:
 
     async def one(key: Key) -> None:
         nonlocal deleted
-        # The count is what the read just before each delete saw.
-        if await native.get(client, key) is not None:
-            await native.write(client, key, None)
+        # One atomic step per key: counted if and only if this command's
+        # cas deleted it (a plain delete cannot say whether the key existed).
+        _, swapped = await native.swap(client, key, native.delete_if_found)
+        if swapped:
             deleted += 1
 
     async def run() -> bytes:

@@ -16,8 +16,8 @@ a time per call, under the connection's bound of quorum operations
   of its own: the node's internal retries of that request then apply it at
   most once, and no two requests share a rid (the node refuses a rid
   reused with other arguments);
-- ``swap``, the read-then-cas loop behind ``SET ... XX/GET``, ``GETSET``
-  and ``GETDEL``, changes the key at most once: it sends a new
+- ``swap``, the read-then-cas loop behind ``SET ... XX/GET``, ``GETSET``,
+  ``GETDEL`` and ``DEL``, changes the key at most once: it sends a new
   ``cas`` only after the previous one answered ``swapped: false`` (which
   wrote nothing), and stops at the first swap, the first error, or once
   it has tried for longer than the node's request deadline.
@@ -174,8 +174,8 @@ Change: TypeAlias = Callable[[bytes | None], bytes | Keep | None]
 
 
 def delete_if_found(current: bytes | None) -> Keep | None:
-    """The ``swap`` change of ``GETDEL``: delete the key if it is found,
-    else leave it."""
+    """The ``swap`` change of ``DEL`` and ``GETDEL``: delete the key if it
+    is found, else leave it."""
     return KEEP if current is None else None
 
 
