@@ -8,11 +8,21 @@ client starts which operation at which node, which message is delivered,
 dropped or duplicated, which node crashes or restarts, which client gives up
 on a node and retries elsewhere, or gives up altogether.
 
-A crashed node loses its in-flight coordinations and the messages on the
-wire to it, and keeps its durable state (registers, rids, counter
-reservation): exactly what a node keeps across ``kill -9``, since it only
-acknowledges what is on disk. The history the clients saw is returned for
-the linearizability checker.
+A crashed node loses its in-flight coordinations, the messages on the
+wire to it and its promises (memory), and keeps its durable state
+(registers, rids, counter and promise reservations): exactly what a node
+keeps across ``kill -9``, since it only acknowledges what is on disk. The
+replica side judges every store and prepare by the production acceptor
+rules (``quorum.protocol.acceptor``). The history the clients saw is
+returned for the linearizability checker.
+
+``atomic=True`` mixes cas and incr in with get, set and delete, over a few
+small values (so that a cas finds what it expects, and an incr now and then
+finds a value that is not a number). Two switches break an acceptor rule on
+purpose, for the tests that show the checker then finds a violation:
+``ack_below_promise`` (a store below the promise is stored and
+acknowledged) and ``forget_promises`` (a restarted node keeps no promise
+floor).
 """
 
 from __future__ import annotations
@@ -22,25 +32,35 @@ from collections.abc import Sequence
 
 import attrs
 
+from quorum.protocol.acceptor import Verdict, floor_after, prepare_verdict, store_verdict
 from quorum.protocol.operation import (
+    CasResult,
     Done,
     Failed,
+    IncrResult,
     IssueTag,
+    Nack,
     Operation,
     Pending,
     QueryResult,
     Rejected,
+    SendPrepare,
     SendQuery,
     SendStore,
     Step,
 )
-from register.model import Key, NodeId, RidRecord, Tag, request_fingerprint
+from register.model import Key, NodeId, RidRecord, Tag
 from register.rids import RidTable
-from register.state import RegisterState, apply_updates, empty_state
+from register.state import RegisterState, empty_state
 from tests.support.history import Op
 
 KEYS = [Key(b"x"), Key(b"y")]
 RESERVE_STEP = 4
+#: the values of an atomic simulation: small, so that a cas finds what it
+#: expects; ``b"x"`` is not a number (an incr on it is ``not_integer``)
+VALUES: list[bytes | None] = [None, b"0", b"1", b"2", b"x"]
+STEPS = [1, -1, 2]
+_ZERO = Tag.zero()
 
 
 @attrs.define
@@ -50,17 +70,60 @@ class SimNode:
     rids: RidTable = attrs.field(factory=RidTable)
     reserved: int = 0  # durable, like Meta.counter_reserved
     floor: int = 0  # in memory: resumes from ``reserved`` after a crash
+    promise_reserved: int = 0  # durable, like Meta.promise_reserved
+    promise_floor: Tag = _ZERO  # from ``promise_reserved`` after a crash
+    promises: dict[Key, Tag] = attrs.field(factory=dict)  # in memory
     up: bool = True
+    ack_below_promise: bool = False
+    forget_promises: bool = False
+
+    def promise(self, key: Key) -> Tag:
+        return max(self.promises.get(key, _ZERO), self.promise_floor)
+
+    def known(self, key: Key) -> Tag:
+        held = self.state.get(key)
+        return max(self.promise(key), held.tag if held is not None else _ZERO)
 
     def query(self, key: Key, rid: bytes | None) -> QueryResult:
+        # As ``Replica.query`` answers (the promise only when above the tag).
+        version = self.state.get(key)
+        promise: Tag | None = self.promise(key)
+        if promise is not None and (promise == _ZERO or (version is not None and promise <= version.tag)):
+            promise = None
+        lineage = () if version is None else self.rids.lineage(version.tag)
         record = None if rid is None else self.rids.lookup(rid)
-        return self.state.get(key), None if record is None else (record.tag, record.request)
+        return QueryResult(version, None if record is None else record.note, promise, lineage)
 
-    def store(self, send: SendStore, now: float) -> None:
-        self.state = apply_updates(self.state, [(send.key, send.version)])[0]
-        if send.rid is not None:
-            request = request_fingerprint(send.key, send.version.value)
-            self.rids.add([RidRecord(rid=send.rid, request=request, tag=send.version.tag, at=now)], now)
+    def store(self, send: SendStore, now: float) -> Nack | bool:
+        key, version = send.key, send.version
+        stored_for_rid = None
+        for note in send.notes:
+            if note.tag == version.tag and (record := self.rids.lookup(note.rid)) is not None:
+                stored_for_rid = record.tag
+        judged = store_verdict(self.state.get(key), self.promise(key), version.tag, stored_for_rid)
+        if judged.verdict is Verdict.REFUSE:
+            held = self.state.get(key)
+            if not (self.ack_below_promise and (held is None or version.tag > held.tag)):
+                assert judged.above is not None
+                return Nack(judged.above)
+            judged = attrs.evolve(judged, verdict=Verdict.ACCEPT)  # the broken rule
+        if judged.verdict is Verdict.ACCEPT:
+            self.state = self.state.set(key, version)
+        records = [
+            RidRecord(rid=n.rid, request=n.request, tag=n.tag, at=now, result=n.result) for n in send.notes
+        ]
+        self.rids.add(records, now, [version.tag] * len(records))
+        return True
+
+    def prepare(self, send: SendPrepare) -> QueryResult | Nack:
+        judged = prepare_verdict(self.state.get(send.key), self.promise(send.key), send.ballot)
+        if judged.verdict is Verdict.REFUSE:
+            assert judged.above is not None
+            return Nack(judged.above)
+        self.promises[send.key] = send.ballot
+        # The production node persists the reservation before answering.
+        self.promise_reserved = max(self.promise_reserved, send.ballot.counter + RESERVE_STEP)
+        return self.query(send.key, send.rid)
 
     def issue_tag(self, seen: Tag) -> Tag:
         tag = seen.successor(self.floor, self.id)
@@ -74,7 +137,10 @@ class SimNode:
 
     def restart(self) -> None:
         self.up = True
-        self.floor = self.reserved
+        self.promises = {}
+        if not self.forget_promises:
+            self.promise_floor = floor_after(self.promise_reserved)
+        self.floor = max(self.reserved, self.promise_floor.counter)
 
 
 @attrs.define
@@ -93,8 +159,8 @@ class Message:
     dst: NodeId
     coordination: int
     phase: int
-    request: SendQuery | SendStore | None  # None: a reply
-    reply: QueryResult | bool | None = None
+    request: SendQuery | SendPrepare | SendStore | None  # None: a reply
+    reply: QueryResult | Nack | bool | None = None
 
 
 @attrs.define
@@ -107,6 +173,8 @@ class ClientOp:
     call: float
     coordination: int | None = None
     attempts: int = 0
+    expect: bytes | None = None
+    by: int = 0
 
 
 @attrs.define
@@ -115,6 +183,9 @@ class Simulation:
     clients: int = 3
     write_quorum: int | None = None
     skip_write_back: bool = False
+    atomic: bool = False
+    ack_below_promise: bool = False
+    forget_promises: bool = False
     nodes: dict[NodeId, SimNode] = attrs.field(init=False)
     wire: list[Message] = attrs.field(factory=list)
     coordinations: dict[int, Coordination] = attrs.field(factory=dict)
@@ -124,7 +195,14 @@ class Simulation:
     _ids: itertools.count[int] = attrs.field(factory=itertools.count)
 
     def __attrs_post_init__(self) -> None:
-        self.nodes = {NodeId(f"n{i + 1}"): SimNode(NodeId(f"n{i + 1}")) for i in range(self.size)}
+        self.nodes = {
+            NodeId(f"n{i + 1}"): SimNode(
+                NodeId(f"n{i + 1}"),
+                ack_below_promise=self.ack_below_promise,
+                forget_promises=self.forget_promises,
+            )
+            for i in range(self.size)
+        }
 
     @property
     def ids(self) -> list[NodeId]:
@@ -138,17 +216,27 @@ class Simulation:
 
     def start_op(self, client: int, choice: int) -> None:
         """Start a client op chosen by a number (programs)."""
-        kind = ("get", "set", "delete")[choice % 3]
-        self.begin(client, kind, KEYS[(choice // 3) % len(KEYS)], self.ids[(choice // 7) % self.size])
+        kinds = ("get", "set", "delete", "cas", "incr") if self.atomic else ("get", "set", "delete")
+        kind = kinds[choice % len(kinds)]
+        rest = choice // len(kinds)
+        self.begin(client, kind, KEYS[rest % len(KEYS)], self.ids[(rest // 2) % self.size], rest // 16)
 
-    def begin(self, client: int, kind: str, key: Key, node: NodeId) -> None:
-        """Client ``client`` starts a ``kind`` op on ``key`` through ``node``."""
+    def begin(self, client: int, kind: str, key: Key, node: NodeId, args: int = 0) -> None:
+        """Client ``client`` starts a ``kind`` op on ``key`` through ``node``;
+        ``args`` chooses the values of an atomic simulation."""
         if client in self.active:
             return
         serial = next(self._ids)
-        value = f"c{client}-{serial}".encode() if kind == "set" else None
+        value: bytes | None = None
+        expect: bytes | None = None
+        if self.atomic:
+            value = VALUES[1 + args % (len(VALUES) - 1)] if kind == "set" else VALUES[args % len(VALUES)]
+            expect = VALUES[(args // len(VALUES)) % len(VALUES)]
+        elif kind == "set":
+            value = f"c{client}-{serial}".encode()
         rid = f"rid-{client}-{serial}".encode() if kind != "get" else None
-        self.active[client] = ClientOp(client, kind, key, value, rid, self.tick())
+        by = STEPS[args % len(STEPS)]
+        self.active[client] = ClientOp(client, kind, key, value, rid, self.tick(), expect=expect, by=by)
         self.submit(client, node)
 
     def submit(self, client: int, node_id: NodeId) -> None:
@@ -164,6 +252,12 @@ class Simulation:
         elif cop.kind == "set":
             assert cop.value is not None
             op = Operation.set(cop.key, cop.value, nodes, cop.rid, **switches)
+        elif cop.kind == "cas":
+            assert cop.rid is not None
+            op = Operation.cas(cop.key, cop.expect, cop.value, nodes, cop.rid)
+        elif cop.kind == "incr":
+            assert cop.rid is not None
+            op = Operation.incr(cop.key, cop.by, nodes, cop.rid)
         else:
             op = Operation.delete(cop.key, nodes, cop.rid, **switches)
         cid = next(self._ids)
@@ -183,8 +277,8 @@ class Simulation:
         if cop is not None:
             self.record(cop, None, "unknown")
 
-    def record(self, cop: ClientOp, ret: float | None, outcome: str, value: bytes | None = None) -> None:
-        self.history.append(self._op(cop, ret, outcome, value))
+    def record(self, cop: ClientOp, ret: float | None, outcome: str, result: object = None) -> None:
+        self.history.append(self._op(cop, ret, outcome, result))
         if cop.kind != "get":
             # Each earlier attempt of a retried write may still land, with
             # its own tag, at any later time (the protocol's documented
@@ -192,16 +286,34 @@ class Simulation:
             for _ in range(cop.attempts - 1):
                 self.history.append(self._op(cop, None, "unknown"))
 
-    def _op(self, cop: ClientOp, ret: float | None, outcome: str, value: bytes | None = None) -> Op:
+    def _op(self, cop: ClientOp, ret: float | None, outcome: str, result: object = None) -> Op:
+        fields: dict[str, object] = {}
+        value = cop.value if cop.kind in ("set", "cas") else None
+        if outcome == "ok":
+            if cop.kind == "get":
+                value = getattr(result, "value", None)
+            elif isinstance(result, CasResult):
+                fields["swapped"] = result.swapped
+                if not result.swapped:
+                    fields["observed"] = None if result.version is None else result.version.value
+            elif isinstance(result, IncrResult):
+                value = str(result.value).encode()
+            elif isinstance(result, Rejected):
+                fields["not_integer"] = True
+        if cop.kind == "cas":
+            fields["expect"] = cop.expect
+        if cop.kind == "incr":
+            fields["by"] = cop.by
         return Op(
             client=cop.client,
-            kind=cop.kind,
-            key=cop.key,  # type: ignore[arg-type]
-            value=cop.value if cop.kind == "set" else value,
+            kind=cop.kind,  # type: ignore[arg-type]
+            key=cop.key,
+            value=value,
             call=cop.call,
             ret=ret,
-            outcome=outcome,
-        )  # type: ignore[arg-type]
+            outcome=outcome,  # type: ignore[arg-type]
+            **fields,  # type: ignore[arg-type]
+        )
 
     # --- coordination ------------------------------------------------------------
 
@@ -210,18 +322,21 @@ class Simulation:
         node = self.nodes[co.node]
         while True:
             match step:
-                case SendQuery() | SendStore():
+                case SendQuery() | SendPrepare() | SendStore():
                     co.phase += 1
                     for dst in self.nodes:
                         self.wire.append(Message(co.node, dst, cid, co.phase, step))
                     return
-                case IssueTag(seen=seen):
-                    step = co.op.tag_issued(node.issue_tag(seen))
+                case IssueTag(key=key, seen=seen):
+                    step = co.op.tag_issued(node.issue_tag(max(seen, node.known(key))))
                 case Done(result=result):
                     self.finish(cid, "ok", result)
                     return
                 case Failed():
                     self.finish(cid, "unavailable", None)
+                    return
+                case Rejected(not_integer=True):
+                    self.finish(cid, "ok", step)
                     return
                 case Rejected():
                     self.finish(cid, "rejected", None)
@@ -240,8 +355,7 @@ class Simulation:
         if outcome == "rejected":
             self.record(cop, self.tick(), "fail")
             return
-        value = getattr(result, "value", None) if cop.kind == "get" else None
-        self.record(cop, self.tick(), "ok", value)
+        self.record(cop, self.tick(), "ok", result)
 
     # --- the network ---------------------------------------------------------------
 
@@ -254,12 +368,15 @@ class Simulation:
         node = self.nodes[message.dst]
         if not node.up:
             return
-        if message.request is not None:
-            if isinstance(message.request, SendQuery):
-                reply: QueryResult | bool = node.query(message.request.key, message.request.rid)
+        request = message.request
+        if request is not None:
+            reply: QueryResult | Nack | bool
+            if isinstance(request, SendQuery):
+                reply = node.query(request.key, request.rid)
+            elif isinstance(request, SendPrepare):
+                reply = node.prepare(request)
             else:
-                node.store(message.request, self.tick())
-                reply = True
+                reply = node.store(request, self.tick())
             self.wire.append(
                 Message(message.dst, message.src, message.coordination, message.phase, None, reply)
             )
