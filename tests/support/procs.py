@@ -408,12 +408,12 @@ class ProcCluster:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-        for proc in self.procs:
-            if proc is not None:
+        for maybe in self.procs:
+            if maybe is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    if proc.poll() is None:
-                        proc.kill()
-                proc.wait(timeout=30)
+                    if maybe.poll() is None:
+                        maybe.kill()
+                maybe.wait(timeout=30)
 
     def __enter__(self) -> ProcCluster:
         return self

@@ -15,6 +15,12 @@ proxy, where a test can break it:
     forwarded. Nothing tells the endpoints: requests simply go unanswered
     (a silently dropping network). ``heal()`` then closes those
     connections, whose byte streams have holes, so the dialer reconnects.
+``drop_replies()``
+    Forward what the dialer sends, drop what comes back: the target gets
+    every request and acts on it, the dialer never hears the answer. In
+    front of a node, for its clients: a reply lost on its way (a write
+    applied, the client left not knowing). ``heal()`` then closes the
+    connections that lost replies (their reply streams have holes).
 ``delay(seconds)``
     Hold every chunk forwarded from now on, both ways, for ``seconds``
     before writing it on; order is kept. ``delay(0)`` stops adding latency.
@@ -29,7 +35,9 @@ Run it inside a nursery the caller controls::
 
 ``open_mesh(addresses)`` makes one proxy per directed link of a cluster and
 has the partition shapes on top (isolate a node, split into groups, cut one
-direction).
+direction). ``open_fronts(addresses)`` puts one proxy in front of each node
+for its clients, so that a client's link to one node can be broken too
+(e.g. ``drop_replies``).
 
 Every wait is bounded: dialing the target (``connect_timeout``), writing a
 chunk on (``send_timeout``: a receiver that does not read, e.g. a paused
@@ -51,7 +59,7 @@ import trio
 
 from net.address import Address
 
-__all__ = ["Link", "Mesh", "Mode", "Proxy", "ProxyStats", "open_mesh", "open_proxy"]
+__all__ = ["Link", "Mesh", "Mode", "Proxy", "ProxyStats", "open_fronts", "open_mesh", "open_proxy"]
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 65536
@@ -63,6 +71,8 @@ class Mode(enum.Enum):
     OPEN = "open"
     CUT = "cut"
     BLACKHOLE = "blackhole"
+    #: requests forwarded, replies dropped
+    DROP_REPLIES = "drop-replies"
 
 
 @attrs.define
@@ -76,6 +86,7 @@ class ProxyStats:
     bytes_dropped: int = 0
     cuts: int = 0
     blackholes: int = 0
+    reply_drops: int = 0
     delays: int = 0
 
 
@@ -84,6 +95,8 @@ class _Connection:
     scope: trio.CancelScope
     #: saw a blackhole: its streams have holes; heal() closes it
     tainted: bool
+    #: lost replies (drop_replies): heal() closes it too
+    lost_replies: bool = False
 
 
 class Proxy:
@@ -147,6 +160,13 @@ class Proxy:
         for connection in self._connections:
             connection.tainted = True
 
+    def drop_replies(self) -> None:
+        """Forward requests, drop every reply, until ``heal()``."""
+        if self._mode is not Mode.OPEN:
+            raise RuntimeError(f"{self.name}: heal a {self._mode.value} link before dropping its replies")
+        self._mode = Mode.DROP_REPLIES
+        self.stats.reply_drops += 1
+
     def delay(self, seconds: float) -> None:
         """Add ``seconds`` of latency to every chunk forwarded from now on."""
         if seconds < 0:
@@ -160,7 +180,7 @@ class Proxy:
         self._mode = Mode.OPEN
         self._latency = 0.0
         for connection in list(self._connections):
-            if connection.tainted:
+            if connection.tainted or connection.lost_replies:
                 self.stats.closed_by_fault += 1
                 connection.scope.cancel()
 
@@ -204,8 +224,9 @@ class Proxy:
                         self.stats.unreachable += 1
                         return
                     async with outbound, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, connection, inbound, outbound, nursery.cancel_scope)
-                        nursery.start_soon(self._pipe, connection, outbound, inbound, nursery.cancel_scope)
+                        done = nursery.cancel_scope
+                        nursery.start_soon(self._pipe, connection, inbound, outbound, done, False)
+                        nursery.start_soon(self._pipe, connection, outbound, inbound, done, True)
             finally:
                 self._connections.discard(connection)
 
@@ -222,17 +243,29 @@ class Proxy:
         source: trio.SocketStream,
         sink: trio.SocketStream,
         done: trio.CancelScope,
+        replies: bool,
     ) -> None:
-        """Forward one direction; when it ends (end of stream, an error, a
-        receiver too slow), the whole connection ends."""
+        """Forward one direction (``replies``: from the target back to the
+        dialer); when it ends (end of stream, an error, a receiver too
+        slow), the whole connection ends."""
+
+        def dropped(data: bytes) -> bool:
+            if connection.tainted:
+                self.stats.bytes_dropped += len(data)
+                return True
+            if replies and self._mode is Mode.DROP_REPLIES:
+                connection.lost_replies = True
+                self.stats.bytes_dropped += len(data)
+                return True
+            return False
+
         send, receive = trio.open_memory_channel[tuple[float, bytes]](QUEUE_CHUNKS)
 
         async def write_on() -> None:
             try:
                 async for due, data in receive:
                     await trio.sleep_until(due)
-                    if connection.tainted:
-                        self.stats.bytes_dropped += len(data)
+                    if dropped(data):
                         continue
                     with trio.fail_after(self.send_timeout):
                         await sink.send_all(data)
@@ -247,8 +280,7 @@ class Proxy:
                 nursery.start_soon(write_on)
                 async with send:
                     while data := await source.receive_some(CHUNK):
-                        if connection.tainted:
-                            self.stats.bytes_dropped += len(data)
+                        if dropped(data):
                             continue
                         await send.send((trio.current_time() + self._latency, data))
                 # end of stream: the writer sends what is queued, then ends
@@ -355,5 +387,21 @@ async def open_mesh(targets: Sequence[Address], **options: object) -> AsyncItera
                     proxies[(i, j)] = await nursery.start(proxy.run)
         try:
             yield Mesh(proxies, size)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_fronts(targets: Sequence[Address], **options: object) -> AsyncIterator[list[Proxy]]:
+    """One proxy in front of each node listening at ``targets``, for its
+    clients (``fronts[i]`` forwards to node ``i``); they listen before the
+    block starts and stop when it exits."""
+    async with trio.open_nursery() as nursery:
+        fronts: list[Proxy] = []
+        for i, target in enumerate(targets):
+            proxy = Proxy(target, name=f"clients->n{i + 1}", **options)  # type: ignore[arg-type]
+            fronts.append(await nursery.start(proxy.run))
+        try:
+            yield fronts
         finally:
             nursery.cancel_scope.cancel()
