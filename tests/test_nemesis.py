@@ -1,7 +1,7 @@
 """Proof under faults: concurrent clients against clusters that a nemesis
 keeps breaking, every history checked for linearizability.
 
-* The proxy that the partitions are made of, on its own.
+* The proxy that the partitions (and lost replies) are made of, on its own.
 * CI runs on subprocess clusters (``qkv serve``, SQLite, every
   node-to-node link behind a proxy): three seeds on 3 nodes, each
   injecting its share of the fault kinds first and then random ones, and
@@ -17,6 +17,7 @@ keeps breaking, every history checked for linearizability.
   nor served correctly (see the end of the file); these tests fail until
   the product is fixed.
 
+The same under the atomic workloads (cas, incr): ``test_nemesis_atomic.py``.
 Long schedules: ``scripts/torture.sh`` (see docs/testing.md).
 """
 
@@ -39,6 +40,7 @@ from register.model import Key
 from tests.support.history import HistoryRecorder, Op
 from tests.support.linearizability import check, check_key
 from tests.support.nemesis import (
+    ALL_PROC_KINDS,
     LOCAL_KINDS,
     PROC_KINDS,
     NemesisReport,
@@ -153,11 +155,50 @@ async def test_proxy_blackhole_drops_silently_and_heal_closes() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_proxy_drop_replies_forwards_requests_and_drops_answers() -> None:
+    received: list[bytes] = []
+
+    async def record_and_echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                while data := await stream.receive_some(65536):
+                    received.append(data)
+                    await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, record_and_echo, 0)
+        target = Address("127.0.0.1", listeners[0].socket.getsockname()[1])
+        async with open_proxy(target) as proxy:
+            stream = await trio.open_tcp_stream(proxy.address.host, proxy.address.port)
+            async with stream:
+                await stream.send_all(b"a")
+                assert await receive_exactly(stream, 1) == b"a"
+                proxy.drop_replies()
+                assert proxy.mode is Mode.DROP_REPLIES
+                await stream.send_all(b"request")
+                with trio.fail_after(5):
+                    while b"".join(received) != b"arequest":
+                        await trio.sleep(0.01)  # the target got it...
+                with trio.move_on_after(0.3) as waited:
+                    await stream.receive_some(10)
+                assert waited.cancelled_caught, "a reply got through"  # ...its answer was lost
+                proxy.heal()
+                assert await closed_soon(stream)  # its reply stream has a hole
+            assert proxy.stats.reply_drops == 1 and proxy.stats.bytes_dropped >= len(b"request")
+            healed = await trio.open_tcp_stream(proxy.address.host, proxy.address.port)
+            async with healed:
+                await healed.send_all(b"ok")
+                assert await receive_exactly(healed, 2) == b"ok"
+        nursery.cancel_scope.cancel()
+
+
 def test_partition_shapes() -> None:
     assert Mesh.links_between([[0, 1], [2]]) == [(0, 2), (1, 2), (2, 0), (2, 1)]
     assert sorted(Mesh.links_of(1, 3)) == [(0, 1), (1, 0), (1, 2), (2, 1)]
-    planner = Planner(random.Random(3), PROC_KINDS, 5, pinned_nodes=[0, 2])
-    for kind in PROC_KINDS:
+    planner = Planner(random.Random(3), ALL_PROC_KINDS, 5, pinned_nodes=[0, 2])
+    for kind in ALL_PROC_KINDS:
         fault = planner.make(kind, hold=1.0)
         assert all(i != j and 0 <= i < 5 and 0 <= j < 5 for i, j in fault.links)
         if kind == "bridge":

@@ -1,17 +1,24 @@
 """Long fault-injection runs ("torture"): a subprocess cluster whose every
 node-to-node link runs through a proxy, concurrent clients, and a nemesis
 injecting every kind of fault for minutes; the whole history is checked for
-linearizability at the end.
+linearizability at the end (and, with ``--workload counter``, every counter
+against its increments).
 
     .venv/bin/python -m tests.torture --nodes 5 --duration 600 --seed 7 \\
         --report torture-report.txt
     scripts/torture.sh --nodes 3 --duration 120            # the same, via the venv
+    scripts/torture.sh --nodes 5 --duration 150 --workload mixed
+
+``--workload`` chooses the operations (``tests.support.workload``):
+``register`` (get, set, delete; the default), ``cas-register``, ``counter``
+or ``mixed`` (every op, values sometimes numbers).
 
 Writes the report as text to ``--report`` and as JSON beside it (same name,
 ``.json``), and prints it. Exit status: 0 linearizable and healthy; 1 the
 history is not linearizable (the checker's explanation is printed); 2 it is
 linearizable but something else went wrong (a key unreadable after healing,
-a wiped node that never caught up); 3 the run itself failed.
+a wiped node that never caught up, a counter that does not add up); 3 the
+run itself failed, or the checker gave no verdict within ``--check-timeout``.
 
 Node data dirs and logs go to ``--workdir`` (default: a temporary directory,
 removed unless ``--keep`` or a violation). On a violation the history is
@@ -31,12 +38,11 @@ import time
 import traceback
 from pathlib import Path
 
-import attrs
 import trio
 
 from tests.support.history import Op
-from tests.support.nemesis import PROC_KINDS, NemesisReport, run_subprocess
-from tests.support.workload import WorkloadConfig
+from tests.support.nemesis import ALL_PROC_KINDS, NemesisReport, run_subprocess, save_history
+from tests.support.workload import WORKLOADS, WorkloadConfig
 
 EXIT_OK, EXIT_VIOLATION, EXIT_UNHEALTHY, EXIT_ERROR = 0, 1, 2, 3
 
@@ -51,9 +57,9 @@ def _range(text: str) -> tuple[float, float]:
 
 def _kinds(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in PROC_KINDS]
+    unknown = [k for k in kinds if k not in ALL_PROC_KINDS]
     if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {', '.join(PROC_KINDS)}")
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {', '.join(ALL_PROC_KINDS)}")
     return kinds
 
 
@@ -81,8 +87,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kinds",
         type=_kinds,
-        default=list(PROC_KINDS),
-        help="comma-separated fault kinds (default: all: " + ", ".join(PROC_KINDS) + ")",
+        default=list(ALL_PROC_KINDS),
+        help="comma-separated fault kinds (default: all: " + ", ".join(ALL_PROC_KINDS) + ")",
+    )
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="register",
+        help="the operations: get/set/delete (register, the default), cas-register, counter or mixed",
     )
     p.add_argument("--hold", type=_range, default=(0.5, 4.0), help="LOW,HIGH seconds a fault lasts")
     p.add_argument("--gap", type=_range, default=(0.2, 1.5), help="LOW,HIGH seconds between steps")
@@ -102,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=1.0, help="the nodes' --request-timeout (s)")
     p.add_argument("--think", type=float, default=0.0, help="max pause between a client's ops (s)")
     p.add_argument(
+        "--check-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds the checker may take (in a process of its own) before the run gives up (default 1800)",
+    )
+    p.add_argument(
         "--report",
         type=Path,
         default=Path("torture-report.txt"),
@@ -115,15 +133,6 @@ def parser() -> argparse.ArgumentParser:
 
 def _json_path(report: Path) -> Path:
     return report.with_suffix(".json") if report.suffix != ".json" else report.with_suffix(".json.json")
-
-
-def _save_history(path: Path, ops: list[Op]) -> None:
-    with path.open("w") as out:
-        for op in ops:
-            row = attrs.asdict(op)
-            row["key"] = op.key.decode("utf-8", "replace")
-            row["value"] = None if op.value is None else op.value.decode("utf-8", "replace")
-            out.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
     config = WorkloadConfig(
-        clients=args.clients, keys=args.keys, timeout=args.timeout, routing=args.routing, think=args.think
+        clients=args.clients,
+        keys=args.keys,
+        timeout=args.timeout,
+        routing=args.routing,
+        think=args.think,
+        workload=args.workload,
     )
     load_before = os.getloadavg()
     print(
         f"torture: {args.nodes} nodes, seed {args.seed}, {args.duration:g} s of faults, "
-        f"{args.clients} clients, {args.keys} keys; workdir {workdir}",
+        f"{args.clients} clients, {args.keys} keys, workload {args.workload}; workdir {workdir}",
         flush=True,
     )
     histories: list[list[Op]] = []
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         cover=True,
                         progress=progress,
                         keep_history=histories,
+                        check_timeout=args.check_timeout,
                     )
                 )
                 nursery.cancel_scope.cancel()
@@ -209,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     _json_path(args.report).write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(text)
     print(f"torture: report written to {args.report} and {_json_path(args.report)}")
+    if report.linearizable is None:
+        if histories:
+            save_history(workdir / "history.jsonl", histories[0])
+        print(f"torture: {report.violation}; history and node logs in {workdir}", file=sys.stderr)
+        return EXIT_ERROR
     if report.linearizable is False:
         if histories:
-            _save_history(workdir / "history.jsonl", histories[0])
+            save_history(workdir / "history.jsonl", histories[0])
         print(
             f"torture: NOT LINEARIZABLE (seed {args.seed}); history and node logs in {workdir}",
             file=sys.stderr,
@@ -225,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{report.final_read_failures} final reads never answered")
         if report.log_errors:
             problems.append(f"{report.log_errors} errors in the node logs")
+        if report.counter_failures:
+            problems.append(f"{report.counter_failures} counters do not add up")
         print("torture: linearizable, but: " + "; ".join(problems), file=sys.stderr)
         return EXIT_UNHEALTHY
     return EXIT_OK

@@ -9,7 +9,10 @@ Two of them:
     proxy: node A's ``--peer B=...`` is the address of the proxy A->B, which
     forwards to B. Faults: ``kill -9`` and restart, SIGSTOP/SIGCONT, loss of
     a node's disk, and partitions of every shape built from cutting,
-    blackholing or delaying directed links (see ``PROC_KINDS``).
+    blackholing or delaying directed links (see ``PROC_KINDS``); and, with
+    ``CLIENT_KINDS``, faults on the clients' links to the nodes, which then
+    run through one proxy per node (``tests.support.proxy.open_fronts``):
+    ``drop-replies``, a node's answers to its clients lost on the way.
 ``LocalNemesis``: an in-process ``quorum.cluster.LocalCluster``. Faults:
     crash (stop at once) or graceful stop and restart, a node holding back
     the updates it receives (the ``drop_stores`` switch), loss of a node's
@@ -25,8 +28,10 @@ every kind once (in a seeded order), so even a short run injects them all.
 ``tests.support.workload.Workload`` under the nemesis, then heal
 everything, restart every node (``kill -9`` for processes), wait until all
 serve, read every key through every node, and check the whole history for
-linearizability. They return a ``NemesisReport``: faults per kind, ops
-ok/failed/unknown, throughput with and without faults, the verdict.
+linearizability (and, for the ``counter`` workload, every counter against
+its increments: ``tests.support.workload.check_counters``). They return a
+``NemesisReport``: faults per kind, ops ok/failed/unknown, throughput with
+and without faults, the verdicts.
 
 Every wait is bounded; every process started is stopped (SIGCONT first for
 a paused one) when the run ends, however it ends.
@@ -36,7 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import multiprocessing
 import os
+import queue
 import random
 import shutil
 import signal
@@ -53,13 +61,15 @@ import trio
 from net.address import Address
 from quorum.cluster import LocalCluster, open_cluster
 from quorum.protocol.decide import majority
-from tests.support.history import Op
+from tests.support.history import KINDS, Op
 from tests.support.linearizability import check
 from tests.support.procs import LOOPBACK, QKV, ProcCluster, free_ports, ping_states
-from tests.support.proxy import Link, Mesh, open_mesh
-from tests.support.workload import FINAL_CLIENT, Workload, WorkloadConfig
+from tests.support.proxy import Link, Mesh, Proxy, open_fronts, open_mesh
+from tests.support.workload import FINAL_CLIENT, Workload, WorkloadConfig, check_counters
 
 __all__ = [
+    "ALL_PROC_KINDS",
+    "CLIENT_KINDS",
     "LOCAL_KINDS",
     "PROC_KINDS",
     "Fault",
@@ -69,8 +79,10 @@ __all__ = [
     "ProcNemesis",
     "ProxiedProcCluster",
     "pick_ports",
+    "bounded_check",
     "run_in_process",
     "run_subprocess",
+    "save_history",
 ]
 
 #: fault kinds on subprocess clusters
@@ -91,6 +103,15 @@ PROC_KINDS: tuple[str, ...] = (
     "blackhole",  # every link of one node silently drops bytes
     "delay",  # latency on the links of one node, or of all
 )
+
+#: fault kinds on the links from the clients to the nodes of a subprocess
+#: cluster (the run then puts a proxy in front of every node for clients)
+CLIENT_KINDS: tuple[str, ...] = (
+    "drop-replies",  # one node's replies to its clients are dropped (requests still arrive)
+)
+
+#: every fault kind of a subprocess cluster
+ALL_PROC_KINDS: tuple[str, ...] = PROC_KINDS + CLIENT_KINDS
 
 #: fault kinds on in-process clusters
 LOCAL_KINDS: tuple[str, ...] = (
@@ -206,7 +227,7 @@ class Planner:
         overlap: float = 0.3,
         cover: bool | Sequence[str] = True,
     ) -> None:
-        unknown = set(kinds) - set(PROC_KINDS) - set(LOCAL_KINDS)
+        unknown = set(kinds) - set(ALL_PROC_KINDS) - set(LOCAL_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
         if not kinds:
@@ -293,6 +314,8 @@ class Planner:
                     links = [(j, one) for j in everyone if j != one]
                     detail = f"nobody can dial n{one + 1}"
                 return attrs.evolve(f, links=tuple(links), detail=detail)
+            case "drop-replies":
+                return attrs.evolve(f, nodes=(one,), detail="its replies to clients dropped")
             case "cut-link":
                 i, j = rng.sample(everyone, 2)
                 return attrs.evolve(f, links=((i, j),), detail=f"n{i + 1}->n{j + 1}")
@@ -396,11 +419,31 @@ class ProxiedProcCluster(ProcCluster):
     """A ``ProcCluster`` whose nodes dial each other through ``mesh``."""
 
     def __init__(
-        self, root: Path, mesh: Mesh, ports: Sequence[int], *, extra_args: Sequence[str] = ()
+        self,
+        root: Path,
+        mesh: Mesh,
+        ports: Sequence[int],
+        *,
+        extra_args: Sequence[str] = (),
+        fronts: Sequence[Proxy] = (),
     ) -> None:
         super().__init__(root, mesh.size, extra_args=extra_args, ports=ports)
         self.mesh = mesh
+        #: with client faults: the proxy in front of each node, for clients
+        self.fronts = list(fronts)
+        if self.fronts and len(self.fronts) != self.size:
+            raise ValueError("one front proxy per node")
         self.paused: set[int] = set()
+
+    @property
+    def client_addresses(self) -> list[Address]:
+        """Where clients reach each node: its front proxy, if it has one."""
+        return [f.address for f in self.fronts] if self.fronts else self.addresses
+
+    def front(self, i: int) -> Proxy:
+        if not self.fronts:
+            raise ValueError("this cluster has no front proxies: client faults need them")
+        return self.fronts[i]
 
     def serve_args(self, i: int) -> list[str]:
         args = [str(QKV), "serve", "--id", self.ids[i], "--listen", self.address(i)]
@@ -497,6 +540,9 @@ class ProcNemesis(Nemesis):
                 mesh.blackhole(fault.links)
             case "delay":
                 mesh.delay(fault.links, fault.latency)
+            case "drop-replies":
+                for i in fault.nodes:
+                    cluster.front(i).drop_replies()
             case _:
                 mesh.cut(fault.links)
 
@@ -518,6 +564,9 @@ class ProcNemesis(Nemesis):
                     self.anomalies.append(
                         f"n{i + 1} did not catch up within {CATCH_UP_BOUND:g} s after losing its data"
                     )
+            case "drop-replies":
+                for i in fault.nodes:
+                    cluster.front(i).heal()
             case _:
                 self.mesh.heal(fault.links)
 
@@ -531,6 +580,8 @@ class ProcNemesis(Nemesis):
 
     async def heal_all(self) -> None:
         self.mesh.heal()
+        for front in self.cluster.fronts:
+            front.heal()
         self.cluster.resume_all()
         self.check_processes()
         for i in range(self.cluster.size):
@@ -614,6 +665,8 @@ class NemesisReport:
     keys: int
     routing: str
     kinds: list[str]
+    #: the operations (``WorkloadConfig.workload``)
+    workload: str = "register"
     #: seconds the workload ran (faults and quiet), final reads excluded
     duration: float = 0.0
     #: seconds during which at least one fault was active
@@ -623,6 +676,8 @@ class NemesisReport:
     schedule: list[dict[str, Any]] = attrs.field(factory=list)
     ops: dict[str, int] = attrs.field(factory=dict)
     ops_by_kind: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    #: ok cas and incr answers by what they said (swapped, not_integer, ...)
+    answers: dict[str, int] = attrs.field(factory=dict)
     attempts: int = 0
     retries: int = 0
     shadow_writes: int = 0
@@ -638,6 +693,11 @@ class NemesisReport:
     violation: str = ""
     check_seconds: float = 0.0
     history_ops: int = 0
+    #: the counter workload: each counter key against its increments
+    counters: list[str] = attrs.field(factory=list)
+    counter_failures: int = 0
+    #: where the history was saved (a violation, or no verdict)
+    history_file: str = ""
     anomalies: list[str] = attrs.field(factory=list)
     #: ERROR/CRITICAL lines and tracebacks in the nodes' logs (first few)
     log_errors: int = 0
@@ -647,10 +707,11 @@ class NemesisReport:
 
     @property
     def ok(self) -> bool:
-        """Linearizable, every final read answered, no node exited on its
-        own or logged an error, every wiped node caught up."""
+        """Linearizable, every counter right, every final read answered, no
+        node exited on its own or logged an error, every wiped node caught up."""
         return (
             bool(self.linearizable)
+            and not self.counter_failures
             and not self.final_read_failures
             and not self.anomalies
             and not self.log_errors
@@ -671,7 +732,8 @@ class NemesisReport:
         )
         lines = [
             f"nemesis run: {self.cluster} cluster of {self.nodes} nodes, seed {self.seed}, "
-            f"{self.clients} clients ({pinned} pinned, {self.clients - pinned} fail-over), {self.keys} keys",
+            f"{self.clients} clients ({pinned} pinned, {self.clients - pinned} fail-over), {self.keys} keys, "
+            f"workload {self.workload}",
             f"  workload {self.duration:.1f} s, faults active {self.fault_seconds:.1f} s "
             f"({fault_share:.0f}%), {self.steps} steps, wall clock {self.wall_seconds:.1f} s",
             f"  faults injected ({total_faults}): "
@@ -683,6 +745,8 @@ class NemesisReport:
         for kind, outcomes in self.ops_by_kind.items():
             counts = ", ".join(f"{o} {outcomes.get(o, 0)}" for o in ("ok", "fail", "unknown"))
             lines.append(f"    {kind:<6} {counts}")
+        if self.answers:
+            lines.append("  answers: " + ", ".join(f"{k} {v}" for k, v in sorted(self.answers.items())))
         lines += [
             f"  attempts {self.attempts} (fail-over retries {self.retries}), "
             f"shadow writes {self.shadow_writes}",
@@ -701,6 +765,12 @@ class NemesisReport:
             )
             + f" ({self.check_seconds:.1f} s)",
         ]
+        if self.counters:
+            lines.append(
+                f"  counters: {len(self.counters) - self.counter_failures} of {len(self.counters)} "
+                "add up (final = acknowledged + a subset of the unknown increments)"
+            )
+            lines.extend(f"    {line}" for line in self.counters)
         if self.proxies:
             p = self.proxies
             lines.append(
@@ -713,6 +783,8 @@ class NemesisReport:
         lines.extend(f"    {sample}" for sample in self.log_error_samples)
         if self.anomalies:
             lines.append("  anomalies: " + "; ".join(self.anomalies))
+        if self.history_file:
+            lines.append(f"  history saved to {self.history_file}")
         if self.violation:
             lines.append(self.violation)
         return "\n".join(lines)
@@ -741,7 +813,8 @@ def _fill(report: NemesisReport, workload: Workload, nemesis: Nemesis, started: 
     for op in ops:
         by_kind.setdefault(op.kind, {}).setdefault(op.outcome, 0)
         by_kind[op.kind][op.outcome] += 1
-    report.ops_by_kind = {k: by_kind[k] for k in ("get", "set", "delete") if k in by_kind}
+    report.ops_by_kind = {k: by_kind[k] for k in KINDS if k in by_kind}
+    report.answers = dict(stats.answers)
     report.attempts, report.retries, report.shadow_writes = stats.attempts, stats.retries, stats.shadows
     report.errors = dict(stats.errors)
     report.final_reads = stats.final_reads
@@ -768,13 +841,83 @@ def _scan_logs(report: NemesisReport, cluster: ProcCluster, samples: int = 5) ->
                     report.log_error_samples.append(f"{cluster.ids[i]}: {line[:200]}")
 
 
-def _check(report: NemesisReport, history: list[Op]) -> None:
+#: memory a bounded check may use (bytes of address space of its process)
+CHECK_MEMORY = 4 * 2**30
+
+#: a verdict: linearizable (True), not (False), or none (None); and the
+#: checker's description of the violation, or why there is no verdict
+Verdict = tuple[bool | None, str]
+
+
+def _check_child(history: list[Op], answers: Any, memory: int) -> None:
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    try:
+        result = check(history)
+    except MemoryError:
+        answers.put((None, f"the checker ran out of memory ({memory / 2**30:g} GiB)"))
+        return
+    answers.put((result.ok, "" if result.ok else result.describe()))
+
+
+def bounded_check(history: list[Op], seconds: float, *, memory: int = CHECK_MEMORY) -> Verdict:
+    """``check(history)`` in a process of its own, given ``seconds`` and
+    ``memory`` bytes. The search has no budget of its own, and on some
+    histories (with a violation deep in them, above all) it can take
+    minutes and gigabytes: this keeps a run from doing that to a shared
+    machine, and says so instead of hanging."""
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    child = context.Process(target=_check_child, args=(history, answers, memory), daemon=True)
+    child.start()
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            try:
+                verdict: Verdict = answers.get(timeout=0.2)
+                return verdict
+            except queue.Empty:
+                if not child.is_alive():
+                    return None, f"the checker's process died (exit status {child.exitcode})"
+                if time.monotonic() > deadline:
+                    return None, f"the checker gave no verdict within {seconds:g} s"
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+        answers.close()
+
+
+def save_history(path: Path, ops: Sequence[Op]) -> None:
+    """``ops`` as JSON lines, one op a line (bytes as UTF-8, replaced)."""
+    with path.open("w") as out:
+        for op in ops:
+            row = {
+                k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                for k, v in attrs.asdict(op).items()
+            }
+            out.write(json.dumps(row) + "\n")
+
+
+def _check(report: NemesisReport, history: list[Op], timeout: float | None = None) -> None:
+    """The verdicts on ``history``: linearizability (in a bounded process of
+    its own with ``timeout``), and the counters of a counter workload."""
     report.history_ops = len(history)
     t = time.monotonic()
-    result = check(history)
+    if timeout is None:
+        result = check(history)
+        report.linearizable, report.violation = result.ok, "" if result.ok else result.describe()
+    else:
+        report.linearizable, report.violation = bounded_check(history, timeout)
+        if report.linearizable is None:
+            report.violation = f"no verdict: {report.violation}"
     report.check_seconds = time.monotonic() - t
-    report.linearizable = result.ok
-    report.violation = "" if result.ok else result.describe()
+    if report.workload == "counter":
+        verdicts = check_counters(history)
+        report.counters = [v.describe() for v in verdicts]
+        report.counter_failures = sum(1 for v in verdicts if not v.ok)
 
 
 async def _run_under_nemesis(
@@ -807,10 +950,15 @@ async def run_subprocess(
     settle: float = 0.5,
     progress: Callable[[str], None] | None = None,
     keep_history: list[list[Op]] | None = None,
+    keep_workload: list[Workload] | None = None,
+    check_timeout: float | None = None,
 ) -> NemesisReport:
     """A ``qkv serve`` cluster behind proxies, under a workload and a
     ``ProcNemesis``, checked at the end (see the module docstring).
-    ``keep_history``: a list to which the checked history is appended."""
+    ``keep_history``: a list to which the checked history is appended;
+    ``keep_workload``: one to which the workload is (its stats, its trace);
+    ``check_timeout``: run the checker in a process of its own, bounded
+    (``bounded_check``)."""
     wall = time.monotonic()
     config = workload or WorkloadConfig()
     say = progress or (lambda _: None)
@@ -822,17 +970,29 @@ async def run_subprocess(
         keys=config.keys,
         routing=config.routing,
         kinds=list(kinds),
+        workload=config.workload,
     )
     ports = pick_ports(nodes)
     targets = [Address(LOOPBACK, p) for p in ports]
-    async with open_mesh(targets) as mesh:
+    async with contextlib.AsyncExitStack() as stack:
+        mesh = await stack.enter_async_context(open_mesh(targets))
+        fronts = (
+            await stack.enter_async_context(open_fronts(targets))
+            if any(k in CLIENT_KINDS for k in kinds)
+            else []
+        )
         extra = ["--request-timeout", f"{request_timeout:g}"]
-        cluster = ProxiedProcCluster(root, mesh, ports, extra_args=extra)
+        cluster = ProxiedProcCluster(root, mesh, ports, extra_args=extra, fronts=fronts)
         try:
             cluster.start_all()
             await cluster.wait_serving_async(30)
-            say(f"{nodes} nodes serving on {cluster.nodes_arg}")
-            load = Workload(cluster.addresses, config, seed=seed)
+            say(
+                f"{nodes} nodes serving on {cluster.nodes_arg}"
+                + (" (clients through proxies)" if fronts else "")
+            )
+            load = Workload(cluster.client_addresses, config, seed=seed)
+            if keep_workload is not None:
+                keep_workload.append(load)
             planner = Planner(
                 random.Random(seed),
                 kinds,
@@ -856,6 +1016,9 @@ async def run_subprocess(
             await load.final_reads()
             report.restarts = nemesis.restarts
             report.proxies = mesh.stats()
+            for front in fronts:
+                for name, value in attrs.asdict(front.stats).items():
+                    report.proxies[name] = report.proxies.get(name, 0) + value
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(cluster.close)
@@ -865,7 +1028,10 @@ async def run_subprocess(
     if keep_history is not None:
         keep_history.append(history)
     say(f"checking {len(history)} ops")
-    _check(report, history)
+    _check(report, history, check_timeout)
+    if not report.linearizable or report.counter_failures:
+        report.history_file = str(root / "history.jsonl")
+        save_history(root / "history.jsonl", history)
     report.wall_seconds = time.monotonic() - wall
     return report
 
@@ -894,6 +1060,7 @@ async def run_in_process(
     cover: bool | Sequence[str] = True,
     settle: float = 0.3,
     progress: Callable[[str], None] | None = None,
+    check_timeout: float | None = None,
 ) -> NemesisReport:
     """An in-process cluster under a workload and a ``LocalNemesis``."""
     wall = time.monotonic()
@@ -906,6 +1073,7 @@ async def run_in_process(
         keys=config.keys,
         routing=config.routing,
         kinds=list(kinds),
+        workload=config.workload,
     )
     async with open_cluster(nodes, request_timeout=request_timeout) as cluster:
         await _local_wait_serving(cluster)
@@ -931,7 +1099,7 @@ async def run_in_process(
         await load.final_reads()
         report.restarts = nemesis.restarts
     _fill(report, load, nemesis, started, ended)
-    _check(report, load.history())
+    _check(report, load.history(), check_timeout)
     report.wall_seconds = time.monotonic() - wall
     return report
 
