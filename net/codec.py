@@ -423,7 +423,7 @@ def decode_peer_message(raw: list[Any]) -> PeerMessage:
 
 
 def _note(n: RidNote | None) -> list[Any] | None:
-    return None if n is None else [n.rid, n.request, n.tag, n.result]
+    return None if n is None else [n.rid, n.request, n.tag, n.result, n.past, n.base]
 
 
 def _encode_query_reply(m: QueryReply) -> list[Any]:
@@ -433,9 +433,9 @@ def _encode_query_reply(m: QueryReply) -> list[Any]:
         m.req,
         None if version is None else version.tag,
         None if version is None else version.value,
-        None if seen is None else [seen.rid, seen.request, seen.tag, seen.result],
+        None if seen is None else [seen.rid, seen.request, seen.tag, seen.result, seen.past, seen.base],
         m.promise,
-        [[n.rid, n.request, n.tag, n.result] for n in lineage] if lineage else None,
+        [[n.rid, n.request, n.tag, n.result, n.past, n.base] for n in lineage] if lineage else None,
     ]
 
 
@@ -492,14 +492,21 @@ def _decode_query(m: Any) -> Query:
 
 
 def _decode_note(n: Any) -> RidNote:
-    if type(n) is not list or len(n) != 4:
-        raise ValueError("a rid note is [rid, request, tag, result]")
-    rid, request, tag, result = n
+    if type(n) is not list or len(n) != 6:
+        raise ValueError("a rid note is [rid, request, tag, result, past, base]")
+    rid, request, tag, result, past, base = n
     if type(rid) is not bytes or type(request) is not bytes:
         raise ValueError("a rid note's rid and request are bin")
     if result is not None and (type(result) is not int or not MIN_INT64 <= result <= MAX_INT64):
         raise ValueError("a rid note's result is a signed 64-bit integer or nil")
-    return RidNote(rid=rid, request=request, tag=_tag(tag), result=result)
+    return RidNote(
+        rid=rid,
+        request=request,
+        tag=_tag(tag),
+        result=result,
+        past=None if past is None else _tag(past),
+        base=None if base is None else _tag(base),
+    )
 
 
 def _decode_query_reply(m: Any) -> QueryReply:

@@ -407,11 +407,7 @@ class Replica:
         new_state = self._tip
         latest = {u.key: u.version for u, _ in queue if new_state.get(u.key) is u.version}
         changed = list(latest.items())
-        records = [
-            RidRecord(rid=n.rid, request=n.request, tag=n.tag, at=now, result=n.result)
-            for u, _ in queue
-            for n in u.notes
-        ]
+        records = [RidRecord.of(n, now) for u, _ in queue for n in u.notes]
         came_with = [u.version.tag for u, _ in queue for _ in u.notes]
         callbacks = [done for _, done in queue if done is not None]
         callbacks += meta_waiters

@@ -71,6 +71,15 @@ class RidNote:
     request: bytes
     tag: Tag
     result: int | None = None
+    #: the newest blind write (set or delete) in the past of the version
+    #: this note came with: its own tag for a set or delete, the past of
+    #: the version it was built on for a round (cas, incr, a value rewritten
+    #: under a ballot); ``None`` when not known (see
+    #: ``quorum.protocol.operation``, "A refused set")
+    past: Tag | None = None
+    #: for a round: the tag of the version it was built on (``Tag.zero()``:
+    #: none); ``None`` for a set or delete, or when not known
+    base: Tag | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -85,10 +94,31 @@ class RidRecord:
     tag: Tag
     at: float
     result: int | None = None
+    past: Tag | None = None
+    base: Tag | None = None
+
+    @classmethod
+    def of(cls, note: RidNote, at: float) -> RidRecord:
+        return cls(
+            rid=note.rid,
+            request=note.request,
+            tag=note.tag,
+            at=at,
+            result=note.result,
+            past=note.past,
+            base=note.base,
+        )
 
     @property
     def note(self) -> RidNote:
-        return RidNote(rid=self.rid, request=self.request, tag=self.tag, result=self.result)
+        return RidNote(
+            rid=self.rid,
+            request=self.request,
+            tag=self.tag,
+            result=self.result,
+            past=self.past,
+            base=self.base,
+        )
 
 
 def _digest(key: Key, *parts: bytes) -> bytes:

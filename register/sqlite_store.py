@@ -21,19 +21,22 @@ Pages are 1 KiB (databases created since; an older file keeps its size).
   one row per key, the tag split in two columns; ``value`` NULL is a
   tombstone. ``WITHOUT ROWID`` keeps a row in the key's b-tree, one b-tree
   per upsert instead of two.
-* ``rids(rid BLOB PRIMARY KEY, request, counter, writer, at, result)
-  WITHOUT ROWID``: the remembered request ids; ``result`` is an incr's
-  result (NULL for any other write). ``load`` returns them oldest ``at``
-  first, the order ``rids.RidTable`` expects. No index on ``at``: it is only
-  sorted once, at start, and an index would cost on every write.
+* ``rids(rid BLOB PRIMARY KEY, request, counter, writer, at, result,
+  past_counter, past_writer, base_counter, base_writer) WITHOUT ROWID``:
+  the remembered request ids; ``result`` is an incr's result (NULL for any
+  other write); the ``past`` and ``base`` tags are ``RidNote``'s (NULL:
+  none, or not known). ``load`` returns them oldest ``at`` first, the order
+  ``rids.RidTable`` expects. No index on ``at``: it is only sorted once, at
+  start, and an index would cost on every write.
 
 Schema versions: 1 had neither ``meta.promise_reserved`` nor
-``rids.result``; 2 adds them as the last columns. A version-1 database is
-migrated when opened (``_MIGRATE_1_TO_2``: one transaction, then an fsync of
-the WAL), so a migrated file has the same columns, in the same order, as a
-new one; the added ``promise_reserved`` has ``DEFAULT 0`` (SQLite adds a
-``NOT NULL`` column only with a default), which no write relies on: the
-statements that write ``meta`` and ``rids`` name every column. A newer
+``rids.result`` and the ``past`` and ``base`` columns; 2 adds them as the
+last columns. A version-1 database is migrated when opened
+(``_MIGRATE_1_TO_2``: one transaction, then an fsync of the WAL), so a
+migrated file has the same columns, in the same order, as a new one; the
+added ``promise_reserved`` has ``DEFAULT 0`` (SQLite adds a ``NOT NULL``
+column only with a default), which no write relies on: the statements that
+write ``meta`` and ``rids`` name every column. A newer
 version is refused.
 
 What is fsynced when
@@ -135,7 +138,11 @@ _SCHEMA = (
         counter INTEGER NOT NULL,
         writer TEXT NOT NULL,
         at REAL NOT NULL,
-        result INTEGER
+        result INTEGER,
+        past_counter INTEGER,
+        past_writer TEXT,
+        base_counter INTEGER,
+        base_writer TEXT
     ) WITHOUT ROWID, STRICT""",
     # Written last, in the same transaction: a database that has these has
     # the whole schema.
@@ -150,6 +157,10 @@ _SCHEMA = (
 _MIGRATE_1_TO_2 = (
     "ALTER TABLE meta ADD COLUMN promise_reserved INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE rids ADD COLUMN result INTEGER",
+    "ALTER TABLE rids ADD COLUMN past_counter INTEGER",
+    "ALTER TABLE rids ADD COLUMN past_writer TEXT",
+    "ALTER TABLE rids ADD COLUMN base_counter INTEGER",
+    "ALTER TABLE rids ADD COLUMN base_writer TEXT",
     "UPDATE meta SET schema_version = 2",
     "PRAGMA user_version = 2",
 )
@@ -160,8 +171,9 @@ _MIGRATE_1_TO_2 = (
 _PUT_REGISTER = """INSERT INTO registers VALUES (?, ?, ?, ?)
     ON CONFLICT (key) DO UPDATE SET
         counter = excluded.counter, writer = excluded.writer, value = excluded.value"""
-_PUT_RID = """INSERT OR REPLACE INTO rids (rid, request, counter, writer, at, result)
-    VALUES (?, ?, ?, ?, ?, ?)"""
+_PUT_RID = """INSERT OR REPLACE INTO rids
+        (rid, request, counter, writer, at, result, past_counter, past_writer, base_counter, base_writer)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _DROP_RID = "DELETE FROM rids WHERE rid = ?"
 # created_at keeps the first write's time.
 _PUT_META = """INSERT INTO meta
@@ -171,6 +183,26 @@ _PUT_META = """INSERT INTO meta
         ready = excluded.ready,
         counter_reserved = excluded.counter_reserved,
         promise_reserved = excluded.promise_reserved"""
+
+
+def _rid_row(r: RidRecord) -> tuple[object, ...]:
+    past, base = r.past, r.base
+    return (
+        r.rid,
+        r.request,
+        r.tag.counter,
+        r.tag.writer,
+        r.at,
+        r.result,
+        None if past is None else past.counter,
+        None if past is None else past.writer,
+        None if base is None else base.counter,
+        None if base is None else base.writer,
+    )
+
+
+def _optional_tag(counter: int | None, writer: str | None) -> Tag | None:
+    return None if counter is None or writer is None else Tag(counter, NodeId(writer))
 
 
 class SqliteStore:
@@ -338,9 +370,29 @@ class SqliteStore:
                 )
             ]
             rids = [
-                RidRecord(rid=rid, request=request, tag=Tag(counter, NodeId(writer)), at=at, result=result)
-                for rid, request, counter, writer, at, result in conn.execute(
-                    "SELECT rid, request, counter, writer, at, result FROM rids ORDER BY at, rid"
+                RidRecord(
+                    rid=rid,
+                    request=request,
+                    tag=Tag(counter, NodeId(writer)),
+                    at=at,
+                    result=result,
+                    past=_optional_tag(past_counter, past_writer),
+                    base=_optional_tag(base_counter, base_writer),
+                )
+                for (
+                    rid,
+                    request,
+                    counter,
+                    writer,
+                    at,
+                    result,
+                    past_counter,
+                    past_writer,
+                    base_counter,
+                    base_writer,
+                ) in conn.execute(
+                    "SELECT rid, request, counter, writer, at, result,"
+                    " past_counter, past_writer, base_counter, base_writer FROM rids ORDER BY at, rid"
                 )
             ]
         except sqlite3.Error as e:
@@ -375,7 +427,7 @@ class SqliteStore:
                 if batch.rids:
                     conn.executemany(
                         _PUT_RID,
-                        [(r.rid, r.request, r.tag.counter, r.tag.writer, r.at, r.result) for r in batch.rids],
+                        [_rid_row(r) for r in batch.rids],
                     )
                 if batch.rids_dropped:
                     conn.executemany(_DROP_RID, [(rid,) for rid in batch.rids_dropped])

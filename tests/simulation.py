@@ -109,9 +109,7 @@ class SimNode:
             judged = attrs.evolve(judged, verdict=Verdict.ACCEPT)  # the broken rule
         if judged.verdict is Verdict.ACCEPT:
             self.state = self.state.set(key, version)
-        records = [
-            RidRecord(rid=n.rid, request=n.request, tag=n.tag, at=now, result=n.result) for n in send.notes
-        ]
+        records = [RidRecord.of(n, now) for n in send.notes]
         self.rids.add(records, now, [version.tag] * len(records))
         return True
 

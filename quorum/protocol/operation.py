@@ -24,7 +24,8 @@ that lets them share a key):
   request id; if some node recorded the rid, finish that write under its
   tag; otherwise take a new tag above every tag and promise seen; store on
   a majority. Refused by a majority (a higher tag or promise got there
-  first), it retries under a tag above what the refusals reported.
+  first) while no node took it, it retries under a tag above what the
+  refusals reported; if some node may have taken it, see "A refused set".
 - cas/incr: prepare a new ballot (a tag) on a majority; the current value is
   the version with the highest tag among the promises; compute the new
   value; accept ``(ballot, new)`` on a majority; answer. Refused in either
@@ -33,6 +34,22 @@ that lets them share a key):
   An outcome read from a version that a majority does not hold yet (a
   cas that does not swap, an incr on a non-integer) is written under the
   ballot first, as a read's write-back is.
+
+A refused set whose store some node may have taken cannot simply store
+again under a higher tag: a round may have read that store from the node
+that took it and built on it (a cas that swapped from it, an incr that
+added to it), and the value stored again would undo that round. Nor can it
+answer as if done: a round that did not read it may have made the current
+version, which leaves it out. So it settles by a round of its own: prepare
+a ballot, and look at the *past* of the current version, the newest blind
+write it descends from (every version carries it in the rid note of the
+write that made it; ``RidNote.past``). An earlier attempt at or below that
+past is ordered before the current version (read and built on, or
+overwritten by a later blind write): the set is done, once the current
+version is on a majority. Every attempt above it was left out and never
+read by anything a majority holds: the set stores its value under the
+ballot. A current version whose past is not known (copied by a catch-up,
+or its record expired) leaves the outcome unknown.
 
 Request ids of cas and incr: every round carries the rid (the driver makes
 one up when the client sent none, so that a new round never applies a
@@ -52,7 +69,7 @@ from typing import NamedTuple, TypeAlias
 import attrs
 
 from quorum.protocol.atomic import NotAnInteger, apply_cas, apply_incr
-from quorum.protocol.decide import Decision, Vote, read_outcome
+from quorum.protocol.decide import Decision, Vote, majority, read_outcome
 from register.model import (
     Key,
     NodeId,
@@ -246,9 +263,12 @@ class Operation:
     _accepted_once: bool = False
     #: nodes of the current phase that failed without an answer
     _unreachable: int = 0
-    #: this op's last accept was refused by so many nodes that fewer than a
-    #: majority can have stored it (so it was never chosen as it stood)
-    _refused_by_majority: bool = False
+    #: nodes that refused the current store phase
+    _refusers: set[NodeId] = attrs.Factory(set)
+    #: the tags of this op's own earlier stores (a set's value, a cas's or
+    #: an incr's accept) that some node may hold, and the nodes that may
+    _tried: list[Tag] = attrs.Factory(list)
+    _holders: set[NodeId] = attrs.Factory(set)
 
     # --- construction -----------------------------------------------------
 
@@ -325,6 +345,8 @@ class Operation:
             if reply is True:
                 decision = stores.reply(node, True)
             else:
+                if isinstance(reply, Nack):
+                    self._refusers.add(node)
                 self._refused(reply)
                 decision = stores.fail(node)
             return PENDING if decision is Decision.PENDING else self._after_store(stores)
@@ -335,12 +357,15 @@ class Operation:
         self._last_tag = tag
         if self._next is Phase.PREPARE:
             self.phase = Phase.PREPARE
-            self._queries = Vote(self.nodes)
+            # After an accept of its own that some node may hold, a cas or
+            # incr hears from a majority besides those nodes (see _recorded).
+            quorum = min(len(self.nodes), majority(len(self.nodes)) + len(self._holders))
+            atomic = self.kind is Kind.CAS or self.kind is Kind.INCR
+            self._queries = Vote(self.nodes, quorum=quorum if atomic and self._holders else None)
             self._above = None
             self._unreachable = 0
             return SendPrepare(self.key, tag, self.rid)
-        notes = () if self.rid is None else (RidNote(rid=self.rid, request=self.fingerprint, tag=tag),)
-        return self._store_phase(SendStore(self.key, Versioned(tag, self.value), notes))
+        return self._write(tag)
 
     # --- phases -----------------------------------------------------------
 
@@ -373,6 +398,7 @@ class Operation:
             # A retry of a write some node already stored: finish that one,
             # under its tag (the value is the same: same fingerprint).
             note = max(seen, key=lambda n: n.tag)
+            self._tried.append(note.tag)
             return self._store_phase(SendStore(self.key, Versioned(note.tag, self.value), (note,)))
         return self._issue(_highest_known(replies))
 
@@ -380,7 +406,8 @@ class Operation:
         if votes.decision is Decision.LOST:
             return self._retry_or_fail(votes)
         replies = list(votes.replies.values())
-        outcome = read_outcome([r.version for r in replies], votes.needed)
+        needed = majority(len(self.nodes))
+        outcome = read_outcome([r.version for r in replies], needed)
         current = outcome.winner
         on_majority = not outcome.write_back
         ballot = self._ballot
@@ -388,35 +415,81 @@ class Operation:
             # Stored above this ballot since its promise was made: go higher.
             return self._round(current.tag)
         carried = _lineage_of(replies, current.tag) if current is not None else ()
+        past = _past_of(replies, current)
         if self.kind is Kind.GET:
             # A read finishing by a round of its own (see the docstring).
             if current is None or on_majority:
                 self.phase = Phase.OVER
                 return Done(current, wrote_back=True)
-            version = Versioned(ballot, current.value)
-            self._answer = Done(version, wrote_back=True)
-            return self._store_phase(SendStore(self.key, version, carried))
-        recorded = self._recorded(replies, current, votes.needed)
+            store = self._rewrite(current, carried, past)
+            self._answer = Done(store.version, wrote_back=True)
+            return self._store_phase(store)
+        if self.kind is not Kind.CAS and self.kind is not Kind.INCR:
+            return self._settle(current, on_majority, carried, past)
+        recorded = self._recorded(votes.replies, current, needed, past)
         if recorded is not None:
             return recorded
         value = current.value if current is not None else None
         if self.kind is Kind.CAS:
             swap = apply_cas(value, self.expect, self.value)
             if swap.swapped:
-                return self._accept(swap.value, None, carried)
-            return self._answer_read(current, on_majority, carried, None)
+                return self._accept(swap.value, None, current, carried, past)
+            return self._answer_read(current, on_majority, carried, past, None)
         try:
             added = apply_incr(value, self.by)
         except NotAnInteger as exc:
-            return self._answer_read(current, on_majority, carried, Rejected(str(exc), not_integer=True))
-        return self._accept(added.value, added.number, carried)
+            return self._answer_read(
+                current, on_majority, carried, past, Rejected(str(exc), not_integer=True)
+            )
+        return self._accept(added.value, added.number, current, carried, past)
+
+    def _settle(
+        self,
+        current: Versioned | None,
+        on_majority: bool,
+        carried: tuple[RidNote, ...],
+        past: Tag | None,
+    ) -> Step:
+        """A set or delete refused after some node may have taken it: done
+        if an earlier attempt is in the current version's past, else
+        written anew under the ballot (see "A refused set")."""
+        if past is None:
+            return self._over(
+                Failed("a previous attempt of this write may or may not have taken effect (outcome unknown)")
+            )
+        done = [tag for tag in self._tried if tag <= past]
+        if not done:
+            return self._write(self._ballot)
+        answer = Done(max(done))
+        if on_majority:
+            return self._over(answer)
+        assert current is not None  # its past holds an attempt
+        self._answer = answer
+        return self._store_phase(self._rewrite(current, carried, past))
+
+    def _write(self, tag: Tag) -> Step:
+        """Store this set's or delete's own value under ``tag``, with its rid
+        note (a rid made of the tag when the request has none: the note
+        carries the version's past)."""
+        rid = self.rid if self.rid is not None else _rid_of(b"w", tag)
+        note = RidNote(rid=rid, request=self.fingerprint, tag=tag, past=tag)
+        return self._store_phase(SendStore(self.key, Versioned(tag, self.value), (note,)))
+
+    def _rewrite(self, current: Versioned, carried: tuple[RidNote, ...], past: Tag | None) -> SendStore:
+        """``current``'s value under this round's ballot: what a round stores
+        when it answers from a version a majority does not hold yet. Its
+        note carries the past of ``current``; it is nobody's request."""
+        ballot = self._ballot
+        note = RidNote(rid=_rid_of(b"b", ballot), request=b"", tag=ballot, past=past, base=current.tag)
+        return SendStore(self.key, Versioned(ballot, current.value), (note, *carried))
 
     def _recorded(
-        self, replies: Sequence[QueryResult], current: Versioned | None, needed: int
+        self, by_node: dict[NodeId, QueryResult], current: Versioned | None, needed: int, past: Tag | None
     ) -> Step | None:
         """The rid found on record by this prepare majority: finish that
         write and answer from its record rather than apply it twice; or
         ``None``: it did not take effect, apply it."""
+        replies = list(by_node.values())
         seen = [r.rid_seen for r in replies if r.rid_seen is not None]
         if not seen:
             return None
@@ -435,20 +508,48 @@ class Operation:
             if sum(1 for r in replies if r.version is not None and r.version.tag == current.tag) >= needed:
                 return self._over(answer)
             self._answer = answer
-            version = Versioned(self._ballot, current.value)
-            return self._store_phase(SendStore(self.key, version, lineage))
-        if len(seen) >= needed:
-            # Every node of a majority stored that write: it took effect,
-            # and later writes went over it.
-            return self._over(self._from_note(note))
-        if self._refused_by_majority:
-            # This op's own accept was refused by a majority (each said so):
-            # what a minority stored was never chosen, and no version built
-            # on it (the lineage says so). Apply it afresh.
+            return self._store_phase(self._rewrite(current, lineage, past))
+        if not self._tried:
+            # No accept of this op is anywhere: the record is another
+            # coordinator's attempt (a client's retry elsewhere).
+            return self._over(
+                Failed("a previous attempt of this request may be in progress (outcome unknown)")
+            )
+        # Took effect means that some version made from an accept of this
+        # op (or built on one) was stored by a majority, each of which kept
+        # the rid on record. A majority of nodes that may hold none of this
+        # op's accepts and have no record (the prepare waited for so many)
+        # meets every such majority: nothing took effect, apply it afresh.
+        # (Refusals alone prove nothing: a round that left an accept on a
+        # minority may have been read by another round; and records on a
+        # majority prove nothing either, they may come from versions that
+        # were never chosen.)
+        clean = [n for n, r in by_node.items() if r.rid_seen is None and n not in self._holders]
+        if len(clean) >= needed or self._left_out(lineage, current):
             return None
         return self._over(
             Failed("a previous attempt of this request may or may not have taken effect (outcome unknown)")
         )
+
+    def _left_out(self, lineage: tuple[RidNote, ...], current: Versioned) -> bool:
+        """Is every accept of this op provably left out of the chain of
+        rounds that made ``current``? Following each note's base down the
+        lineage, the chain steps from above this op's first accept to below
+        it without passing through one. Any version chosen after one of
+        them was read descends from it (a round builds on the highest
+        version of a majority, which meets the chosen one's), so none was."""
+        notes = {n.tag: n for n in lineage}
+        lowest = min(self._tried)
+        tag = current.tag
+        while True:
+            note = notes.get(tag)
+            if note is None or note.rid == self.rid or note.base is None:
+                # Not known; or this op's own (handled by the caller); or a
+                # set above its accepts, which may have overwritten one read.
+                return False
+            if note.base < lowest:
+                return True
+            tag = note.base
 
     def _from_note(self, note: RidNote) -> Done:
         if self.kind is Kind.INCR:
@@ -456,10 +557,20 @@ class Operation:
             return Done(IncrResult(note.result, note.tag))
         return Done(CasResult(True, Versioned(note.tag, self.value)))
 
-    def _accept(self, value: bytes | None, result: int | None, carried: tuple[RidNote, ...]) -> Step:
+    def _accept(
+        self,
+        value: bytes | None,
+        result: int | None,
+        current: Versioned | None,
+        carried: tuple[RidNote, ...],
+        past: Tag | None,
+    ) -> Step:
         ballot = self._ballot
         assert self.rid is not None
-        note = RidNote(rid=self.rid, request=self.fingerprint, tag=ballot, result=result)
+        base = current.tag if current is not None else Tag.zero()
+        note = RidNote(
+            rid=self.rid, request=self.fingerprint, tag=ballot, result=result, past=past, base=base
+        )
         self._accepted_once = True
         if self.kind is Kind.INCR:
             assert result is not None
@@ -473,15 +584,16 @@ class Operation:
         current: Versioned | None,
         on_majority: bool,
         carried: tuple[RidNote, ...],
+        past: Tag | None,
         rejection: Rejected | None,
     ) -> Step:
         """Answer from the current version without changing it: at once when
         a majority holds it, else after storing it under the ballot."""
         if current is None or on_majority:
             return self._over(rejection or Done(CasResult(False, current)))
-        version = Versioned(self._ballot, current.value)
-        self._answer = rejection or Done(CasResult(False, version))
-        return self._store_phase(SendStore(self.key, version, carried))
+        store = self._rewrite(current, carried, past)
+        self._answer = rejection or Done(CasResult(False, store.version))
+        return self._store_phase(store)
 
     def _store_phase(self, store: SendStore) -> Step:
         self.phase = Phase.STORE
@@ -490,6 +602,7 @@ class Operation:
         self._store = store
         self._above = None
         self._unreachable = 0
+        self._refusers = set()
         return store
 
     def _after_store(self, votes: Vote[bool]) -> Step:
@@ -508,14 +621,25 @@ class Operation:
         if above is None:
             return self._fail(votes)
         if votes is self._stores:
-            # Refusals alone (not nodes that may have stored it unheard)
-            # left fewer than a majority able to accept.
-            refusals = len(votes.failures) - self._unreachable
-            self._refused_by_majority = self._accepted_once and refusals > len(self.nodes) - votes.needed
+            store = self._store
+            assert store is not None
+            # Every node but those that refused may hold it (a node not yet
+            # heard from may still store it).
+            if self._own_write(store) and len(self._refusers) < len(self.nodes):
+                self._tried.append(store.version.tag)
+                self._holders |= self.nodes - self._refusers
         self.attempts += 1
-        if self.kind in (Kind.SET, Kind.DELETE):
+        if self.kind in (Kind.SET, Kind.DELETE) and not self._tried:
             return self._issue(above)
         return self._round(above)
+
+    def _own_write(self, store: SendStore) -> bool:
+        """Is ``store`` this op's own write (a set's value, a cas's or an
+        incr's accept), not a rewrite of the current version?"""
+        if self.kind is Kind.GET or not store.notes:
+            return False
+        rid = store.notes[0].rid
+        return rid == self.rid or rid == _rid_of(b"w", store.version.tag)
 
     def _issue(self, seen: Tag) -> Step:
         self.phase = Phase.TAG
@@ -556,6 +680,28 @@ def _highest_known(replies: Sequence[QueryResult]) -> Tag:
         if promise is not None and promise > highest:
             highest = promise
     return highest
+
+
+def _past_of(replies: Sequence[QueryResult], current: Versioned | None) -> Tag | None:
+    """The past of ``current`` (see "A refused set"), from the note of the
+    write that made it, as a node holding it reports; ``None``: unknown."""
+    if current is None:
+        return Tag.zero()
+    tag = current.tag
+    for r in replies:
+        version = r.version
+        if version is not None and version.tag == tag:
+            for note in r.lineage:
+                if note.tag == tag and note.past is not None:
+                    return note.past
+    return None
+
+
+def _rid_of(kind: bytes, tag: Tag) -> bytes:
+    """A rid for a note that no request named: made of the tag (issued
+    once), so it names one write; the NUL first keeps it apart from the
+    rids clients draw."""
+    return b"\0" + kind + tag.counter.to_bytes(8, "big") + tag.writer.encode()
 
 
 def _lineage_of(replies: Sequence[QueryResult], tag: Tag) -> tuple[RidNote, ...]:
