@@ -74,6 +74,8 @@ notes = st.builds(
     request=st.binary(min_size=16, max_size=16),
     tag=peer_tags,
     result=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    past=st.none() | peer_tags,
+    base=st.none() | peer_tags,
 )
 
 # --- strategies for every message type ---------------------------------------

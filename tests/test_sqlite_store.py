@@ -12,6 +12,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,6 +132,26 @@ def test_promise_reserved_and_incr_results_round_trip(data_dir: pathlib.Path) ->
         snap = store.load()
     assert snap.meta == Meta(node_id=NODE, ready=True, counter_reserved=8, promise_reserved=5)
     assert {r.rid: r.result for r in snap.rids} == {b"incr": -(2**63), b"zero": 2**63 - 1, b"set": None}
+
+
+def test_a_records_past_and_base_round_trip(data_dir: pathlib.Path) -> None:
+    """The tags a retried write reads its standing from survive a reopen,
+    and "not known" stays not known (NULL), never a tag."""
+    past, base = Tag(5, NodeId("n3")), Tag(0, NodeId(""))
+    records = [
+        attrs.evolve(rid(b"incr", b"k", 6, 1.0, result=1), past=past, base=base),
+        attrs.evolve(rid(b"set", b"k", 5, 2.0), past=past),
+        rid(b"old", b"k", 4, 3.0),
+    ]
+    with SqliteStore.open(data_dir, NODE) as store:
+        commit(store, Batch(rids=records))
+    with SqliteStore.open(data_dir, NODE) as store:
+        snap = store.load()
+    assert {r.rid: (r.past, r.base) for r in snap.rids} == {
+        b"incr": (past, base),
+        b"set": (past, None),
+        b"old": (None, None),
+    }
 
 
 def test_an_incr_result_beyond_64_bits_is_a_storage_error(data_dir: pathlib.Path) -> None:
