@@ -27,9 +27,9 @@ class RidTable:
     max_count: int = DEFAULT_MAX_COUNT
     max_age: float = DEFAULT_MAX_AGE
     _records: dict[bytes, RidRecord] = attrs.field(factory=dict)
-    #: version tag -> the rids whose notes came with that version: the
-    #: write that made it, and those it built on (its lineage)
-    _by_tag: dict[Tag, list[bytes]] = attrs.field(factory=dict)
+    #: version tag -> the notes that came with that version, as they came:
+    #: the write that made it, and those it built on (its lineage)
+    _by_tag: dict[Tag, list[RidNote]] = attrs.field(factory=dict)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -40,11 +40,13 @@ class RidTable:
     def lineage(self, tag: Tag) -> tuple[RidNote, ...]:
         """The notes that came with the version stored under ``tag`` (the
         write that made it first, if on record), newest first."""
-        rids = self._by_tag.get(tag)
-        if rids is None:
+        notes = self._by_tag.get(tag)
+        if notes is None:
             return ()
         records = self._records
-        return tuple(records[rid].note for rid in rids if rid in records)
+        # As they came, not as on record: a rid's record keeps its highest
+        # tag, and a version may have been built on an earlier attempt.
+        return tuple(note for note in notes if note.rid in records)
 
     def records(self) -> list[RidRecord]:
         return list(self._records.values())
@@ -62,13 +64,14 @@ class RidTable:
             # keeps the highest tag it was stored under: a write refused by
             # a majority retries under a higher tag, and the retry's record
             # is the one a later retry must finish.
+            came = record.note
             held = self._records.pop(record.rid, None)
             if held is not None and held.tag > record.tag:
                 record = attrs.evolve(held, at=record.at)
             self._records[record.rid] = record
             lineage = self._by_tag.setdefault(with_tag, [])
-            if record.rid not in lineage:
-                lineage.append(record.rid)
+            if all(note.rid != record.rid for note in lineage):
+                lineage.append(came)
         return self.expire(now)
 
     def expire(self, now: float) -> list[bytes]:
@@ -84,6 +87,8 @@ class RidTable:
             # Lineages whose records all expired.
             records = self._records
             self._by_tag = {
-                tag: kept for tag, rids in self._by_tag.items() if (kept := [r for r in rids if r in records])
+                tag: kept
+                for tag, notes in self._by_tag.items()
+                if (kept := [n for n in notes if n.rid in records])
             }
         return dropped

@@ -82,7 +82,7 @@ from register.model import (
 )
 
 #: rid notes a version carries of the writes it was built on
-LINEAGE = 8
+LINEAGE = 32
 
 __all__ = [
     "LINEAGE",
@@ -269,6 +269,12 @@ class Operation:
     #: an incr's accept) that some node may hold, and the nodes that may
     _tried: list[Tag] = attrs.Factory(list)
     _holders: set[NodeId] = attrs.Factory(set)
+    #: a cas or incr is reading where its lost accept went (a query)
+    _checking: bool = False
+    #: its accepts up to this tag were left out of a chosen version
+    _dead: Tag | None = None
+    #: versions traced (see _trace): the accept each descends from, or False
+    _traced: dict[Tag, RidNote | bool] = attrs.Factory(dict)
 
     # --- construction -----------------------------------------------------
 
@@ -377,6 +383,8 @@ class Operation:
             self._unreachable += 1
 
     def _after_query(self, votes: Vote[QueryResult]) -> Step:
+        if self._checking:
+            return self._after_check(votes)
         if votes.decision is Decision.LOST:
             return self._fail(votes)
         replies = list(votes.replies.values())
@@ -426,6 +434,9 @@ class Operation:
             return self._store_phase(store)
         if self.kind is not Kind.CAS and self.kind is not Kind.INCR:
             return self._settle(current, on_majority, carried, past)
+        # A node whose promise reports no record holds no accept of this op
+        # and never will (the promise refuses them now).
+        self._holders -= {n for n, r in votes.replies.items() if not self._live(r.rid_seen)}
         recorded = self._recorded(votes.replies, current, needed, past)
         if recorded is not None:
             return recorded
@@ -497,10 +508,16 @@ class Operation:
             if self._accepted_once:
                 return self._over(Failed("conflicting records of this request id (outcome unknown)"))
             return self._over(Rejected("this rid was already used for a different request (op, key or args)"))
+        seen = [n for n in seen if self._live(n)]
+        if not seen:
+            return None  # only accepts of this op that can no longer count
         note = max(seen, key=lambda n: n.tag)
         assert current is not None  # a node that stored the write holds a version
         lineage = _lineage_of(replies, current.tag)
+        traced = self._trace(lineage, current) if self._tried else None
         built_on = next((n for n in lineage if n.rid == self.rid), None)
+        if built_on is None and isinstance(traced, RidNote):
+            built_on = traced
         if built_on is not None or current.tag == note.tag:
             # The current version is that write, or was built on it: it took
             # effect once the current version is on a majority.
@@ -517,39 +534,84 @@ class Operation:
             )
         # Took effect means that some version made from an accept of this
         # op (or built on one) was stored by a majority, each of which kept
-        # the rid on record. A majority of nodes that may hold none of this
-        # op's accepts and have no record (the prepare waited for so many)
-        # meets every such majority: nothing took effect, apply it afresh.
-        # (Refusals alone prove nothing: a round that left an accept on a
-        # minority may have been read by another round; and records on a
-        # majority prove nothing either, they may come from versions that
-        # were never chosen.)
-        clean = [n for n, r in by_node.items() if r.rid_seen is None and n not in self._holders]
-        if len(clean) >= needed or self._left_out(lineage, current):
+        # the rid on record. A majority of nodes with no record meets every
+        # such majority: nothing took effect, apply it afresh. (A prepare is
+        # answered once every store judged before it is durable, records
+        # with it, so no record means none of this op's accepts is there;
+        # the prepare waited for replies from a majority besides the nodes
+        # that may hold one. Refusals alone prove nothing: a round that left
+        # an accept on a minority may have been read by another round; nor
+        # do records on a majority: they may come from versions that were
+        # never chosen.)
+        clean = [n for n, r in by_node.items() if not self._live(r.rid_seen)]
+        if len(clean) >= needed:
+            return None
+        if traced is False:
+            if sum(1 for r in replies if r.version is not None and r.version.tag == current.tag) >= needed:
+                # The current version is chosen, and left every earlier
+                # accept out: no later round can read one of them as the
+                # newest of a majority any more. Forget them, so that the
+                # next proof need not reach back past them.
+                self._forget_tried()
             return None
         return self._over(
             Failed("a previous attempt of this request may or may not have taken effect (outcome unknown)")
         )
 
-    def _left_out(self, lineage: tuple[RidNote, ...], current: Versioned) -> bool:
-        """Is every accept of this op provably left out of the chain of
-        rounds that made ``current``? Following each note's base down the
-        lineage, the chain steps from above this op's first accept to below
-        it without passing through one. Any version chosen after one of
-        them was read descends from it (a round builds on the highest
-        version of a majority, which meets the chosen one's), so none was."""
+    def _forget_tried(self) -> None:
+        """A chosen version left every accept of this op out: no later
+        round can read one as the newest of a majority any more. Forget
+        them, so that the next proof need not reach back past them, and so
+        that their records stop counting."""
+        self._dead = max(self._tried)
+        self._tried.clear()
+        self._holders.clear()
+
+    def _live(self, note: RidNote | None) -> bool:
+        """Is ``note`` a record of an accept of this op that may still count?"""
+        return note is not None and (self._dead is None or note.tag > self._dead)
+
+    def _trace(self, lineage: tuple[RidNote, ...], current: Versioned) -> RidNote | bool | None:
+        """Where ``current`` stands to this op's accepts, following each
+        note's base down the chain of rounds that made it: the note of the
+        accept it descends from; ``False``: the chain steps from above every
+        accept to below the first without passing through one (left out);
+        ``None``: cannot tell. Any version chosen after one of them was read
+        descends from it (a round builds on the highest version of a
+        majority, which meets the chosen one's), so a left-out one was
+        never read by what a majority holds. What each version of the chain
+        is found to be is remembered: the next trace, from a later version,
+        stops there instead of needing the lineage to reach that far."""
+        if current.tag <= max(self._tried):
+            return None  # an accept above it may yet be finished by a round
         notes = {n.tag: n for n in lineage}
         lowest = min(self._tried)
+        path: list[Tag] = []
         tag = current.tag
+        result: RidNote | bool
         while True:
+            known = self._traced.get(tag)
+            if known is not None:
+                result = known
+                break
             note = notes.get(tag)
-            if note is None or note.rid == self.rid or note.base is None:
-                # Not known; or this op's own (handled by the caller); or a
-                # set above its accepts, which may have overwritten one read.
-                return False
+            if note is None or note.base is None:
+                # Not known; or a set above an accept, which may have
+                # overwritten it after a round read it.
+                return None
+            if note.rid == self.rid:
+                result = note
+                break
+            path.append(tag)
             if note.base < lowest:
-                return True
+                result = False
+                break
             tag = note.base
+        for step in path:
+            # A version left out is so for every later accept too: each is
+            # issued above what this op has seen, the version included.
+            self._traced[step] = result
+        return result
 
     def _from_note(self, note: RidNote) -> Done:
         if self.kind is Kind.INCR:
@@ -628,6 +690,9 @@ class Operation:
             if self._own_write(store) and len(self._refusers) < len(self.nodes):
                 self._tried.append(store.version.tag)
                 self._holders |= self.nodes - self._refusers
+                self.attempts += 1
+                if self.kind is Kind.CAS or self.kind is Kind.INCR:
+                    return self._check()
         self.attempts += 1
         if self.kind in (Kind.SET, Kind.DELETE) and not self._tried:
             return self._issue(above)
@@ -652,6 +717,45 @@ class Operation:
         self._next = Phase.PREPARE
         self._answer = None
         return IssueTag(self.key, seen, self.attempts)
+
+    def _check(self) -> Step:
+        """After a lost accept of its own, a cas or incr first queries where
+        it went, at once: what tells whether it took effect is the lineage
+        of the versions made since, which keeps only the newest notes, so
+        the sooner it is read, the fewer rounds have pushed it out. A query
+        promises nothing and preempts nobody."""
+        self.phase = Phase.QUERY
+        self._checking = True
+        self._queries = Vote(self.nodes)
+        self._unreachable = 0
+        return SendQuery(self.key, self.rid)
+
+    def _after_check(self, votes: Vote[QueryResult]) -> Step:
+        """Answer from the record if a chosen version descends from one of
+        this op's accepts; forget its accepts if a chosen version provably
+        left them all out; then, unless answered, a new round."""
+        self._checking = False
+        above = self._above or Tag.zero()
+        if votes.decision is Decision.WON:
+            replies = list(votes.replies.values())
+            needed = majority(len(self.nodes))
+            outcome = read_outcome([r.version for r in replies], needed)
+            current = outcome.winner
+            if current is not None:
+                # Traced even when not chosen yet: what it finds of each
+                # version holds, and a later trace may stop there.
+                lineage = _lineage_of(replies, current.tag)
+                traced = self._trace(lineage, current) if self._tried else None
+                built_on = next((n for n in lineage if n.rid == self.rid), None)
+                if built_on is None and isinstance(traced, RidNote):
+                    built_on = traced
+                if not outcome.write_back:
+                    if built_on is not None:
+                        return self._over(self._from_note(built_on))
+                    if traced is False:
+                        self._forget_tried()
+            above = max(above, _highest_known(replies))
+        return self._round(above)
 
     @property
     def _ballot(self) -> Tag:
